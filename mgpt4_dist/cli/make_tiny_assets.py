@@ -1,0 +1,73 @@
+"""`mgpt4-make-tiny-assets`: the command-line front of `mgpt4_dist.assets.build_tiny_assets`.
+
+Progress goes to stderr; stdout gets one summary line and then the `overrides:` line to paste
+after a tiny config, so scripts can take the last line of stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from mgpt4_dist.assets import build_tiny_assets, tiny_overrides  # imports nothing heavy at module level
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def out_dir_problem(out: str) -> Optional[str]:
+    """Why `out` cannot become our folder, found before any slow import; None if it can."""
+    if os.path.exists(out):
+        return None if os.path.isdir(out) else "exists and is not a directory"
+    ancestor = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    return None if os.path.isdir(ancestor) else f"{ancestor} is not a directory"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mgpt4-make-tiny-assets",
+        description="Write a tiny random MiniGPT-4 setup (tokenizer + LLaMA folder, EVA ViT and Q-Former weight "
+                    "files in the original layouts, synthetic WebDataset shards) and print the config overrides "
+                    "that use it. Reruns with the same options reuse the folder.")
+    parser.add_argument("--out", required=True, help="folder to write (created if missing)")
+    parser.add_argument("--num-samples", type=_positive_int, default=256, help="synthetic image-text pairs")
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=64, help="samples per .tar shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random asset")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = out_dir_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")  # exits 2
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        paths = build_tiny_assets(args.out, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
+                                  seed=args.seed, force=args.force, progress=True)
+    except OSError as e:
+        # e.g. --out below a regular file, or not writable: a usage problem, not a crash.
+        parser.error(f"--out {args.out}: cannot write there ({e})")
+    print(f"tiny assets in {os.path.abspath(args.out)}: LLaMA folder {paths['llm_path']}, "
+          f"ViT {paths['vit_checkpoint']}, Q-Former {paths['qformer_checkpoint']}, "
+          f"{args.num_samples} samples in {paths['shards_pattern']}")
+    print("overrides: " + " ".join(tiny_overrides(paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""The typed configuration tree of a run.
+
+A run is described by one `JobConfig`, read from YAML and then overridden by dotted
+`key.sub=value` arguments. Every key is declared here with its type; unknown keys and values of
+the wrong type fail with the key's full name. The resolved tree is written beside the run
+(`RUN_DIR/config.yaml`) so a run can always be reproduced from its folder.
+
+Override values are parsed by the *declared* type, not by YAML: a string field takes the text
+literally (`data.end_sym=###`), a list field takes `[a,b]` with items kept literally (brace ranges
+and globs in shard patterns are not YAML), numbers and booleans parse as such.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, List, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the declared tree."""
+
+
+@dataclass
+class ViTConfig:
+    """EVA ViT-g/14 as MiniGPT-4 uses it (39 of EVA-g's 40 blocks, no final norm)."""
+
+    img_size: int = 224
+    patch_size: int = 14
+    embed_dim: int = 1408
+    depth: int = 39
+    num_heads: int = 16
+    mlp_ratio: float = 4.3637
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class QFormerConfig:
+    """BLIP-2 Q-Former (BERT-base with cross-attention every `cross_attention_freq` layers)."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_freq: int = 2
+    num_query_tokens: int = 32
+    layer_norm_eps: float = 1e-12
+
+
+@dataclass
+class ModelConfig:
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    # A Hugging Face LLaMA folder (config.json, weights, tokenizer.model).
+    llm_path: str = ""
+    # Original weight files; empty = random init seeded by train.seed (tests, benchmarks).
+    vit_checkpoint: str = ""
+    qformer_checkpoint: str = ""
+    proj_checkpoint: str = ""
+    # ln_vision's eps is the BLIP-2 default, not the ViT's.
+    ln_vision_eps: float = 1e-5
+    # The original clips the condition (prompt + image tokens) to this many positions.
+    max_context_len: int = 3800
+    # auto | flash | sdpa | eager: attention kernel of the LLM.
+    attn_impl: str = "auto"
+
+
+@dataclass
+class ShardSource:
+    """One data source: a shard pattern and its sampling weight in the mix."""
+
+    pattern: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # Each item is a pattern string (weight 1) or a {pattern, weight} mapping.
+    shards: List[Union[str, ShardSource]] = field(default_factory=list)
+    # True: endless resampled shards, as the original. False: plain passes (epochs) over the shards.
+    resample: bool = True
+    num_workers: int = 2
+    max_txt_len: int = 32
+    end_sym: str = "\n"
+    prompt_template: str = ""
+    # Instructions containing <ImageHere>; empty for stage 1.
+    prompts: List[str] = field(default_factory=list)
+    # The original prompts/alignment.txt format: one instruction per line.
+    prompt_path: str = ""
+    # Stage 1 cleans captions as BLIP does; stage 2 uses answers verbatim.
+    clean_captions: bool = True
+    max_caption_words: int = 50
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_start_lr: float = 1e-6
+    warmup_steps: int = 5000
+    weight_decay: float = 0.05
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Max global gradient norm; 0 disables clipping (the original does not clip).
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 20000
+    # End after this step with a checkpoint, as a preemption would (0 = run to max_steps).
+    # The lr schedule still spans max_steps.
+    stop_at_step: int = 0
+    micro_batch_size: int = 64
+    grad_accum_steps: int = 1
+    # Optional: when > 0, grad_accum_steps is derived from it and the world size.
+    global_batch_size: int = 0
+    seed: int = 42
+    precision: str = "bf16"
+    log_every: int = 10
+    # Consecutive micro-batches with a non-finite loss before the run aborts.
+    max_nonfinite_in_row: int = 5
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "deepspeed"
+    zero_stage: int = 2
+    offload: str = "none"
+    activation_checkpointing: bool = False
+    # Collective timeout: a dead or hung rank ends the job after this, not after days.
+    timeout_minutes: float = 10.0
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    # auto (continue from RUN_DIR/checkpoints/latest if present) | never | PATH
+    resume: str = "auto"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Values allowed for enumerated string keys; checked after every load.
+CHOICES = {
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "parallel.backend": ("deepspeed", "fsdp"),
+    "parallel.offload": ("none", "optimizer", "optimizer+params"),
+    "model.attn_impl": ("auto", "flash", "sdpa", "eager"),
+}
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert) a YAML value against a declared type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {_type_name(tp)}, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if origin is Union:
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} fits none of {[_type_name(t) for t in typing.get_args(tp)]}")
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+        raise ConfigError(f"{key}: expected a string, got {value!r} (quote it in YAML)")
+    raise ConfigError(f"{key}: unsupported declared type {tp}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f"; known keys under {prefix or 'the top level'}: {', '.join(sorted(names))}"
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- overrides
+
+def _split_top_level(text: str) -> List[str]:
+    """Split `a,b,{c,d}` on commas that are not inside braces or brackets."""
+    items, depth, current = [], 0, []
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip() != ""]
+
+
+def _parse_scalar(text: str, tp: Any, key: str) -> Any:
+    if tp is str or tp is Any:
+        return text
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    if typing.get_origin(tp) is Union:
+        # Only shard sources mix types; from the command line they are plain patterns.
+        return text
+    raise ConfigError(f"{key}: cannot be set from the command line")
+
+
+def _parse_override_value(text: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        body = text.strip()
+        if body.startswith("[") and body.endswith("]"):
+            body = body[1:-1]
+        return [_parse_scalar(item, item_tp, key) for item in _split_top_level(body)]
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.<name>=...")
+    return _parse_scalar(text, tp, key)
+
+
+def apply_override(cfg: Any, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key.sub=value")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])}")
+        if i < len(parts) - 1:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"unknown config key {dotted} ({'.'.join(parts[:i + 1])} has no sub-keys)")
+    tp = typing.get_type_hints(type(node))[parts[-1]]
+    value = _parse_override_value(text, tp, dotted)
+    setattr(node, parts[-1], _coerce(value, tp, dotted))
+
+
+# --------------------------------------------------------------------------- loading and saving
+
+def validate(cfg: JobConfig) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(allowed)}")
+    if not 0 <= cfg.parallel.zero_stage <= 3:
+        raise ConfigError(f"parallel.zero_stage: {cfg.parallel.zero_stage} is not in 0..3")
+    for dotted in ("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "train.log_every"):
+        section, name = dotted.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{dotted} must be >= 1")
+    if cfg.train.stop_at_step < 0 or cfg.train.global_batch_size < 0:
+        raise ConfigError("train.stop_at_step and train.global_batch_size must be >= 0")
+    if cfg.checkpoint.every_steps < 1:
+        raise ConfigError("checkpoint.every_steps must be >= 1")
+
+
+def load_config(path: str | None, overrides: List[str] | None = None) -> JobConfig:
+    data: dict = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    cfg = _from_dict(JobConfig, data)
+    for assignment in overrides or []:
+        apply_override(cfg, assignment)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: JobConfig, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, path)
+
+
+def config_from_dict(data: dict) -> JobConfig:
+    """Rebuild a JobConfig from `to_dict` output (e.g. a saved config.yaml)."""
+    cfg = _from_dict(JobConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def shard_sources(cfg: DataConfig) -> List[ShardSource]:
+    """data.shards as a list of (pattern, weight) sources."""
+    return [s if isinstance(s, ShardSource) else ShardSource(pattern=s, weight=1.0) for s in cfg.shards]
+
+
+def load_prompts(cfg: DataConfig) -> List[str]:
+    """The instruction list: data.prompts plus the lines of data.prompt_path holding <ImageHere>,
+    each formatted with data.prompt_template as the original does at load time."""
+    raw = list(cfg.prompts)
+    if cfg.prompt_path:
+        with open(cfg.prompt_path) as f:
+            raw += [line for line in f.read().splitlines() if "<ImageHere>" in line]
+    for p in raw:
+        if "<ImageHere>" not in p:
+            raise ConfigError(f"data.prompts: {p!r} has no <ImageHere> placeholder")
+    template = cfg.prompt_template or "{}"
+    return [template.format(p) for p in raw]

@@ -1,0 +1,191 @@
+"""The stage-1 training stream: webdataset shards → decoded, cleaned samples → batches, per rank.
+
+Every (rank, DataLoader worker) pair reads its own *stream*. A stream's content is a pure function
+of (seed, stream id, position), which gives exact resume without replaying data:
+
+- `data.resample=true` (the original): an endless sequence of shard picks; pick i chooses a source
+  by weight and a shard of it with an RNG seeded by (seed, stream, i). Streams differ, so no two
+  ranks follow the same shard sequence.
+- `data.resample=false`: epochs; each epoch shuffles all shards (seeded by the epoch) and stream g
+  of G reads shards g, g+G, ... so within a pass every sample is read exactly once.
+
+A stream's position is `{epoch, index, offset, skipped}`: the shard it is in, how many raw samples
+of that shard it has consumed, and how many bad samples it has skipped so far. Workers attach the
+position after each batch; the main process keeps the position of the last batch it consumed from
+each stream. DataLoader hands out batches from workers round-robin, so on resume the workers are
+rotated to continue exactly where the previous run's next batch would have come from.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mgpt4_dist.data.shards import BadSampleError, decode_sample, expand_shard_pattern, read_shard_samples
+from mgpt4_dist.data.transforms import build_image_transform
+
+log = logging.getLogger(__name__)
+
+# A stream that visits this many shards in a row without one good sample gives up.
+MAX_EMPTY_SHARDS_IN_ROW = 64
+
+
+@dataclass
+class Source:
+    shards: List[str]
+    weight: float
+
+
+def resolve_sources(patterns_and_weights: List[tuple]) -> List[Source]:
+    """Expand shard patterns; a pattern that matches nothing is an error before training starts."""
+    if not patterns_and_weights:
+        raise ValueError("data.shards is empty: give at least one shard pattern")
+    sources = []
+    for pattern, weight in patterns_and_weights:
+        shards = expand_shard_pattern(pattern)
+        if weight <= 0:
+            raise ValueError(f"data.shards: weight of {pattern!r} must be > 0")
+        sources.append(Source(shards, float(weight)))
+    return sources
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank; each DataLoader worker runs one stream."""
+
+    def __init__(self, sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
+                 resample: bool, batch_size: int, image_size: int, clean_captions: bool,
+                 max_caption_words: int, start: Optional[dict] = None):
+        self.sources = sources
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.seed, self.resample = seed, resample
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.clean_captions, self.max_caption_words = clean_captions, max_caption_words
+        self.start = start or {"positions": {}, "batches": 0}
+        self.all_shards = sorted({s for src in sources for s in src.shards})
+        num_streams = world_size * self.num_workers
+        if not resample and len(self.all_shards) < num_streams:
+            raise ValueError(
+                f"data.resample=false needs at least world_size x num_workers = {num_streams} shards "
+                f"so every stream reads a distinct split; found {len(self.all_shards)}. "
+                f"Write smaller shards, lower data.num_workers, or use data.resample=true")
+
+    # ------------------------------------------------------------------ stream content
+    def stream_id(self, worker: int) -> int:
+        # Rotation: after n consumed batches the next one comes from old worker n mod W.
+        role = (worker + self.start.get("batches", 0)) % self.num_workers
+        return self.rank * self.num_workers + role
+
+    def shard_at(self, stream: int, epoch: int, index: int) -> Optional[str]:
+        if self.resample:
+            rng = random.Random(f"{self.seed}:{stream}:{index}")
+            total = sum(s.weight for s in self.sources)
+            pick, acc = rng.random() * total, 0.0
+            for source in self.sources:
+                acc += source.weight
+                if pick < acc:
+                    return rng.choice(source.shards)
+            return rng.choice(self.sources[-1].shards)
+        mine = self.epoch_split(stream, epoch)
+        return mine[index] if index < len(mine) else None
+
+    def epoch_split(self, stream: int, epoch: int) -> List[str]:
+        order = list(self.all_shards)
+        random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
+        return order[stream::self.world_size * self.num_workers]
+
+    def samples(self, stream: int, position: dict) -> Iterator[tuple]:
+        """Yield (image, caption, key, position-after-this-sample) forever from `position`."""
+        transform = build_image_transform(self.image_size)
+        pos = dict(position)
+        empty_in_row = 0
+        while True:
+            shard = self.shard_at(stream, pos["epoch"], pos["index"])
+            if shard is None:  # end of this stream's split for the epoch
+                pos.update(epoch=pos["epoch"] + 1, index=0, offset=0)
+                continue
+            good = 0
+            try:
+                for n, raw in enumerate(read_shard_samples(shard)):
+                    if n < pos["offset"]:
+                        continue  # already consumed before a resume: skip without decoding
+                    pos["offset"] = n + 1
+                    try:
+                        image, caption = decode_sample(raw, transform, self.clean_captions, self.max_caption_words)
+                    except BadSampleError as e:
+                        pos["skipped"] += 1
+                        log.warning("skipping bad sample (%d so far on stream %d): %s", pos["skipped"], stream, e)
+                        continue
+                    good += 1
+                    yield image, caption, raw.get("__key__", ""), dict(pos)
+            except (BadSampleError, OSError) as e:
+                pos["skipped"] += 1
+                log.warning("skipping rest of shard %s: %s", shard, e)
+            empty_in_row = 0 if good else empty_in_row + 1
+            if empty_in_row >= MAX_EMPTY_SHARDS_IN_ROW:
+                raise RuntimeError(f"stream {stream}: {empty_in_row} shards in a row gave no usable sample "
+                                   f"(last: {shard}); check data.shards")
+            pos.update(index=pos["index"] + 1, offset=0)
+
+    # ------------------------------------------------------------------ batching
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = self.stream_id(worker)
+        position = self.start.get("positions", {}).get(str(stream)) or {"epoch": 0, "index": 0, "offset": 0, "skipped": 0}
+        images, answers, keys = [], [], []
+        for image, caption, key, pos in self.samples(stream, position):
+            images.append(image)
+            answers.append(caption)
+            keys.append(key)
+            if len(images) == self.batch_size:
+                yield {"images": torch.stack(images), "answers": answers, "keys": keys,
+                       "stream": stream, "position": pos}
+                images, answers, keys = [], [], []
+
+
+class BatchLoader:
+    """Iterates batches and tracks the data position of what has been consumed."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool):
+        self.stream = stream
+        self.positions: Dict[str, dict] = dict(stream.start.get("positions", {}))
+        self.batches = int(stream.start.get("batches", 0))
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                            persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+        self._iter = iter(loader)
+
+    def __next__(self) -> dict:
+        batch = next(self._iter)
+        self.positions[str(batch["stream"])] = batch["position"]
+        self.batches += 1
+        return batch
+
+    def __iter__(self):
+        return self
+
+    @property
+    def skipped(self) -> int:
+        return sum(p.get("skipped", 0) for p in self.positions.values())
+
+    def state_dict(self) -> dict:
+        return {"positions": dict(self.positions), "batches": self.batches,
+                "num_workers": self.stream.num_workers, "world_size": self.stream.world_size}
+
+
+def build_batch_loader(sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
+                       resample: bool, batch_size: int, image_size: int, clean_captions: bool,
+                       max_caption_words: int, start: Optional[dict] = None,
+                       pin_memory: bool = False) -> BatchLoader:
+    if start and start.get("num_workers", num_workers or 1) != max(1, num_workers):
+        log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart from their "
+                    "recorded positions where they exist", start.get("num_workers"), num_workers)
+    stream = ShardStream(sources, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
+                         resample=resample, batch_size=batch_size, image_size=image_size,
+                         clean_captions=clean_captions, max_caption_words=max_caption_words, start=start)
+    return BatchLoader(stream, num_workers, pin_memory)

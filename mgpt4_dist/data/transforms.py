@@ -1,0 +1,52 @@
+"""The image side of a sample: bytes to a fully decoded PIL image, and PIL image to model input.
+
+Owns the MiniGPT-4 image transform: a square bicubic resize that neither keeps the aspect ratio nor
+crops, then CLIP normalization. It is deterministic and the same for training and evaluation.
+
+Truncated images must fail in `decode_image`: nothing in this package sets PIL's
+`ImageFile.LOAD_TRUNCATED_IMAGES`, which would make PIL pad a cut-off JPEG with grey instead.
+"""
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Callable
+
+from PIL import Image
+
+from mgpt4_dist.data import BadSampleError
+
+if TYPE_CHECKING:
+    import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def build_image_transform(image_size: int) -> Callable[[Image.Image], "torch.Tensor"]:
+    """PIL image -> float tensor [3, image_size, image_size], CLIP-normalized."""
+    # Imported here: torchvision takes seconds to import, and the shard-writing CLI, which needs
+    # `decode_image` from this module, never builds a transform.
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Lambda(_to_rgb),
+        transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decoded RGB image; BadSampleError for bytes that are not a complete, readable image."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # PIL opens lazily; decoding now makes a truncated file fail here, not later
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")  # a direct P->RGB conversion warns about the lost alpha
+        return _to_rgb(image)
+    except Exception as e:  # PIL's format plugins raise OSError, SyntaxError, ValueError, struct.error...
+        raise BadSampleError(f"undecodable or truncated image ({type(e).__name__}: {e})") from e

@@ -1,0 +1,81 @@
+"""Training metrics: `RUN_DIR/metrics.jsonl`, TensorBoard under `RUN_DIR/tb/`, a progress line.
+
+Only rank 0 writes. A resumed run appends to the same jsonl file, so the file holds the whole
+curve of a run across preemptions.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+# metrics.jsonl fields (a contract: checks outside the package read them).
+JSONL_FIELDS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s",
+                "data_wait_s", "max_mem_bytes", "skipped")
+
+# TensorBoard tag for each metric; data/skipped is the running count of bad samples.
+TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+           "samples_per_s": "perf/samples_per_s", "tokens_per_s": "perf/tokens_per_s",
+           "step_time_s": "perf/step_time_s", "data_wait_s": "perf/data_wait_s",
+           "max_mem_bytes": "perf/max_mem_bytes", "skipped": "data/skipped",
+           "nonfinite_steps": "train/nonfinite_steps"}
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, max_steps: int, enabled: bool, tensorboard: bool = True,
+                 progress: bool = True):
+        self.enabled = enabled
+        self.max_steps = max_steps
+        self.progress = progress
+        self.start_time = time.time()
+        self.start_step: Optional[int] = None
+        self.writer = None
+        self.jsonl = None
+        self.jsonl_path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb_dir = os.path.join(run_dir, "tb")
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl = open(self.jsonl_path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.tb_dir)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start_time = step - 1, time.time() - values.get("step_time_s", 0.0)
+        record = {"step": step, **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(TB_TAGS.get(key, f"train/{key}"), value, step)
+        if self.progress:
+            done = step - self.start_step
+            elapsed = time.time() - self.start_time
+            eta = elapsed / max(done, 1) * (self.max_steps - step)
+            print(f"step {step}/{self.max_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+                  f"{values['samples_per_s']:.1f} samples/s | skipped {values['skipped']} | ETA {_fmt_duration(eta)}",
+                  file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,68 @@
+"""The frozen LLaMA/Vicuna language model, its tokenizer, and the attention-kernel choice."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+# MiniGPT-4 pads with this literal string (a real piece of the LLaMA vocabulary).
+PAD_TOKEN = "$$"
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_attn_impl(requested: str, device_type: str) -> str:
+    """Map model.attn_impl to a transformers attention implementation.
+
+    auto: flash-attn when it is installed and we run on CUDA, else PyTorch SDPA.
+    """
+    if requested == "auto":
+        return "flash_attention_2" if (device_type == "cuda" and flash_attn_available()) else "sdpa"
+    if requested == "flash":
+        if device_type != "cuda":
+            raise ValueError("model.attn_impl=flash needs a CUDA device; use auto or sdpa on CPU")
+        if not flash_attn_available():
+            raise ValueError("model.attn_impl=flash but flash-attn is not installed: pip install .[flash]")
+        return "flash_attention_2"
+    if requested in ("sdpa", "eager"):
+        return requested
+    raise ValueError(f"model.attn_impl: unknown value {requested!r}")
+
+
+def load_tokenizer(llm_path: str):
+    """The LLM folder's tokenizer with MiniGPT-4's pad token.
+
+    Each separately tokenized string gets sentencepiece's dummy prefix, as the original's slow
+    LlamaTokenizer does; `$$` must be an existing piece (setting it must not grow the vocab).
+    """
+    if os.path.isfile(os.path.join(llm_path, "tokenizer.model")):
+        # Build from the sentencepiece model itself: transformers' converted LlamaTokenizer drops the
+        # dummy prefix of text that starts with whitespace, the original's slow tokenizer does not.
+        from transformers import TokenizersBackend
+
+        tok = TokenizersBackend.from_pretrained(llm_path)
+    else:
+        tok = AutoTokenizer.from_pretrained(llm_path)
+    vocab_before = len(tok)
+    tok.pad_token = PAD_TOKEN
+    if len(tok) != vocab_before:
+        raise ValueError(f"{llm_path}: the tokenizer has no '{PAD_TOKEN}' piece; MiniGPT-4 pads with it")
+    return tok
+
+
+def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa") -> LlamaForCausalLM:
+    if not llm_path:
+        raise ValueError("model.llm_path is empty: point it at a Hugging Face LLaMA folder "
+                         "(mgpt4-make-tiny-assets writes a tiny one)")
+    if not os.path.isfile(os.path.join(llm_path, "config.json")):
+        raise FileNotFoundError(f"model.llm_path={llm_path}: no config.json there; expected a Hugging Face LLaMA folder")
+    llm = LlamaForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_impl)
+    log.info("loaded LLM %s (%s, attention=%s)", llm_path, dtype, attn_impl)
+    return llm

@@ -1,0 +1,165 @@
+"""Strict loaders for the original MiniGPT-4 weight files.
+
+The original loads everything with `strict=False`, so a wrong file is silently ignored or fails
+late with a confusing size mismatch. Here every tensor the model needs must be found, by name,
+with the right shape, or loading fails before training with the file, the key, the expected and
+found shapes. Files handed to us are read with `weights_only=True` (or safetensors).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """A weight file that does not fit the configured model."""
+
+
+def read_weights(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weight file not found: {path}") from None
+    except Exception as e:  # unpickling refused or corrupt
+        raise CheckpointMismatchError(f"{path}: cannot be read as a weights-only checkpoint ({e})") from e
+
+
+def load_strict(module: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str,
+                hint: Optional[Callable[[str, tuple, tuple], str]] = None) -> None:
+    """Copy `state` into `module`, requiring exactly the module's keys with matching shapes."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [(k, tuple(expected[k].shape), tuple(state[k].shape))
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+    for key, want, got in mismatched[:3]:
+        extra = f": {hint(key, want, got)}" if hint else ""
+        problems.append(f"{key} has shape {list(got)} but the model expects {list(want)}{extra}")
+    if problems:
+        raise CheckpointMismatchError(f"{path} does not fit the configured {what}: " + "; ".join(problems))
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# --------------------------------------------------------------------------- EVA ViT
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def load_vit_checkpoint(vit: nn.Module, path: str) -> None:
+    """`eva_vit_g.pth`: a flat state dict whose keys map 1:1 onto timm's Eva.
+
+    The file holds 40 blocks; MiniGPT-4 uses the first `model.vit.depth` (39). The extra blocks
+    are reported and ignored.
+    """
+    state = read_weights(path)
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    depth = vit.cfg.depth
+    extra_blocks = sorted({int(m.group(1)) for k in state if (m := _BLOCK_KEY.match(k)) and int(m.group(1)) >= depth})
+    if extra_blocks:
+        log.info("%s: ignoring blocks %s (model.vit.depth=%d)", path, extra_blocks, depth)
+    state = {k: v for k, v in state.items() if not ((m := _BLOCK_KEY.match(k)) and int(m.group(1)) >= depth)}
+
+    def hint(key: str, want: tuple, got: tuple) -> str:
+        if key == "pos_embed":
+            return "the checkpoint was made for another image size or patch size (model.vit.img_size/patch_size)"
+        return "the checkpoint is for another ViT width (model.vit.embed_dim / mlp_ratio)"
+
+    load_strict(vit.eva, state, path, "EVA ViT", hint)
+
+
+# --------------------------------------------------------------------------- BLIP-2 Q-Former
+
+_QFORMER_RENAMES = (
+    ("Qformer.bert.embeddings.LayerNorm.", "layernorm."),
+    ("Qformer.bert.encoder.", "encoder."),
+    (".attention.self.", ".attention.attention."),
+    (".crossattention.self.", ".crossattention.attention."),
+)
+# Text-branch and embedding weights of BLIP-2 that MiniGPT-4 deletes or never uses.
+_QFORMER_UNUSED = re.compile(
+    r"^Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|"
+    r"^Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)|"
+    r"^Qformer\.cls\."
+)
+
+
+def qformer_state_from_blip2(state: Dict[str, torch.Tensor]) -> tuple[dict, list]:
+    """Split a BLIP-2 state dict into our QFormer's keys and the keys MiniGPT-4 does not use."""
+    ours, skipped = {}, []
+    for key, value in state.items():
+        if key in ("query_tokens",) or key.startswith("ln_vision."):
+            ours[key] = value
+        elif key.startswith("Qformer.") and not _QFORMER_UNUSED.match(key):
+            new = key
+            for old, rep in _QFORMER_RENAMES:
+                new = new.replace(old, rep)
+            ours["bert." + new] = value
+        else:
+            skipped.append(key)
+    return ours, skipped
+
+
+def load_qformer_checkpoint(qformer: nn.Module, path: str) -> None:
+    """`blip2_pretrained*.pth`: `{'model': {...}}` with query_tokens, ln_vision, Qformer.bert.*."""
+    raw = read_weights(path)
+    state = raw["model"] if isinstance(raw.get("model"), dict) else raw
+    ours, skipped = qformer_state_from_blip2(state)
+    if skipped:
+        prefixes = sorted({k.split(".")[0] if not k.startswith("Qformer") else ".".join(k.split(".")[:3]) for k in skipped})
+        log.info("%s: skipping %d keys MiniGPT-4 does not use (%s)", path, len(skipped), ", ".join(prefixes[:8]))
+
+    def hint(key: str, want: tuple, got: tuple) -> str:
+        if "crossattention" in key and key.endswith(("key.weight", "value.weight")) or key.startswith("ln_vision"):
+            return "the Q-Former was trained for another ViT width (model.vit.embed_dim)"
+        if key == "query_tokens":
+            return "another number of query tokens (model.qformer.num_query_tokens)"
+        return "another Q-Former size (model.qformer.*)"
+
+    load_strict(qformer, ours, path, "Q-Former", hint)
+
+
+# --------------------------------------------------------------------------- llama_proj
+
+def proj_state_from_file(state: dict) -> Dict[str, torch.Tensor]:
+    """llama_proj tensors from a MiniGPT-4 .pth (`{'model': {...}}`, maybe with optimizer etc.),
+    or a flat dict with `llama_proj.*` keys (our consolidated files)."""
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    for prefix in ("llama_proj.", "module.llama_proj."):
+        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if found:
+            return found
+    return {}
+
+
+def load_proj_checkpoint(proj: nn.Linear, path: str) -> None:
+    found = proj_state_from_file(read_weights(path))
+    if not found:
+        raise CheckpointMismatchError(f"{path}: no llama_proj.* tensors found (is this a MiniGPT-4 checkpoint?)")
+
+    def hint(key: str, want: tuple, got: tuple) -> str:
+        sizes = {4096: "7B", 5120: "13B"}
+        if key == "weight" and got[0] != want[0]:
+            return (f"this checkpoint is for a {sizes.get(got[0], str(got[0]) + '-wide')} LLM, "
+                    f"the config has a {sizes.get(want[0], str(want[0]) + '-wide')} LLM")
+        if key == "weight" and got[1] != want[1]:
+            return "the checkpoint was made for another visual feature width (Q-Former vs Llama-2 variant)"
+        return "another projection shape"
+
+    load_strict(proj, found, path, "llama_proj", hint)

@@ -1,0 +1,247 @@
+"""`mgpt4-train`: the training loop.
+
+    mgpt4-train --config mgpt4_dist/configs/tiny_stage1.yaml train.max_steps=50 run_dir=/tmp/r
+
+Runs as one process, under `torchrun`, under the `deepspeed` launcher or under `srun`; rank and
+world come from `mgpt4_dist.dist`. The loop: draw a micro-batch, build its token layout, forward,
+backward, step; log every `train.log_every` steps; checkpoint every `checkpoint.every_steps` steps
+and at the last one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from mgpt4_dist import dist
+from mgpt4_dist.checkpoint import (find_resume_point, load_trainer_state, save_checkpoint, set_rng_state,
+                                   step_tag)
+from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
+from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
+from mgpt4_dist.metrics import MetricsLogger
+from mgpt4_dist.models.llm import load_tokenizer
+from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
+from mgpt4_dist.models.sequence import SequenceBuilder
+from mgpt4_dist.parallel import build_engine
+from mgpt4_dist.parallel.engine import PRECISION_DTYPES
+
+log = logging.getLogger("mgpt4_dist.train")
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+def resolve_grad_accum(cfg: JobConfig, world_size: int) -> int:
+    """train.global_batch_size, when set, fixes accumulation for the world size at hand."""
+    if not cfg.train.global_batch_size:
+        return cfg.train.grad_accum_steps
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x world size = {cfg.train.micro_batch_size} x {world_size}")
+    return cfg.train.global_batch_size // per_step
+
+
+def choose_instruction(prompts: List[str], seed: int, rank: int, step: int, micro: int) -> Optional[str]:
+    """One instruction per micro-batch, drawn as the original's random.choice, but reproducibly."""
+    if not prompts:
+        return None
+    return random.Random(f"{seed}:{rank}:{step}:{micro}").choice(prompts)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class StopSignal:
+    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit at the end of the current step."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def agreed(self) -> bool:
+        # Every rank must stop at the same step, so the ranks agree on it collectively.
+        return dist.all_reduce_max(1.0 if self.received else 0.0) > 0
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("deepspeed", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train(cfg: JobConfig) -> dict:
+    info, device = dist.init_distributed(cfg.parallel.timeout_minutes)
+    rank, world = info.rank, info.world_size
+    setup_logging(rank)
+    accum = resolve_grad_accum(cfg, world)
+    sources = resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)])
+    prompts = load_prompts(cfg.data)
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    log.info("world %d (%s launcher, %s), micro batch %d x accum %d x %d ranks = %d per step",
+             world, info.launcher, device, cfg.train.micro_batch_size, accum, world,
+             cfg.train.micro_batch_size * accum * world)
+
+    model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.train.precision],
+                           device_type=device.type)
+    counts = audit_trainable(model)
+    log.info("parameters: %d trainable (llama_proj), %d frozen", counts["trainable_params"], counts["frozen_params"])
+    model.to(device)
+    tokenizer = load_tokenizer(cfg.model.llm_path)
+    build_text = SequenceBuilder(tokenizer, model.num_image_tokens, cfg.data.max_txt_len, cfg.data.end_sym,
+                                 cfg.model.max_context_len)
+    engine = build_engine(cfg, model, world, accum)
+    backend_config = engine.backend_config()
+    if rank == 0 and backend_config is not None:
+        name, content = backend_config
+        with open(os.path.join(cfg.run_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+
+    # Per-rank RNG streams; replaced by the checkpoint's states on resume.
+    random.seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + rank)
+    torch.manual_seed(cfg.train.seed + rank)
+    step, nonfinite_steps, data_start = 0, 0, None
+    point = find_resume_point(cfg)
+    if point is not None:
+        engine.load(point.root, point.tag)
+        state = load_trainer_state(point, rank)
+        step, nonfinite_steps, data_start = state["step"], state.get("nonfinite_steps", 0), state["data"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", point.path, step)
+
+    loader = build_batch_loader(
+        sources, rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+        resample=cfg.data.resample, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.vit.img_size,
+        clean_captions=cfg.data.clean_captions, max_caption_words=cfg.data.max_caption_words,
+        start=data_start, pin_memory=device.type == "cuda")
+    metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, enabled=rank == 0,
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+    last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
+    stop = StopSignal()
+    ckpt_dir = None
+    last_loss = float("nan")
+
+    def checkpoint(at_step: int) -> str:
+        trainer_state = {"data": loader.state_dict(), "nonfinite_steps": nonfinite_steps, "world_size": world}
+        return save_checkpoint(engine, cfg, at_step, trainer_state, rank)
+
+    while step < last_step:
+        step_start, step_lr = time.perf_counter(), engine.lr()
+        data_wait, losses, tokens, samples, micro, in_row = 0.0, [], 0, 0, 0, 0
+        while micro < accum:
+            wait_start = time.perf_counter()
+            batch = next(loader)
+            data_wait += time.perf_counter() - wait_start
+            text = build_text(batch["answers"], choose_instruction(prompts, cfg.train.seed, rank, step, micro))
+            loss = engine.forward(batch["images"].to(device, non_blocking=True), text.to(device))
+            # Every rank must skip together, or the gradient collectives would hang.
+            if dist.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+                nonfinite_steps += 1
+                in_row += 1
+                log.warning("non-finite loss at step %d; batch dropped (%d in a row)", step + 1, in_row)
+                if in_row >= cfg.train.max_nonfinite_in_row:
+                    raise TrainingAborted(
+                        f"{in_row} non-finite losses in a row at step {step + 1}: aborting. The last good "
+                        f"checkpoint is intact under {os.path.join(cfg.run_dir, 'checkpoints')}; lower optim.lr "
+                        f"or check the data and precision (train.precision={cfg.train.precision})")
+                continue
+            in_row = 0
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            tokens += text.num_scored_tokens
+            samples += len(batch["answers"])
+            micro += 1
+        step += 1
+        last_loss = dist.all_reduce_sum(sum(losses) / len(losses)) / world
+
+        if step % cfg.train.log_every == 0 or step == last_step:
+            step_time = time.perf_counter() - step_start
+            metrics.log(step, {
+                "loss": last_loss, "lr": step_lr, "grad_norm": engine.grad_norm(),
+                "samples_per_s": dist.all_reduce_sum(samples) / step_time,
+                "tokens_per_s": dist.all_reduce_sum(tokens) / step_time,
+                "step_time_s": step_time, "data_wait_s": dist.all_reduce_max(data_wait),
+                "max_mem_bytes": int(dist.all_reduce_max(peak_memory_bytes(device))),
+                "skipped": int(dist.all_reduce_sum(loader.skipped)), "nonfinite_steps": nonfinite_steps,
+            })
+        preempted = stop.agreed()
+        if step % cfg.checkpoint.every_steps == 0 or step == last_step or preempted:
+            ckpt_dir = checkpoint(step)
+        if preempted:
+            log.info("signal %s: checkpoint written at step %d, exiting for requeue", stop.received, step)
+            break
+
+    metrics.close()
+    summary = {"step": step, "loss": last_loss, "checkpoint": ckpt_dir, "run_dir": cfg.run_dir,
+               "preempted": stop.received is not None}
+    if rank == 0:
+        print(f"done: step {step}/{cfg.train.max_steps}, loss {last_loss:.4f}; wrote {cfg.run_dir}/metrics.jsonl, "
+              f"{cfg.run_dir}/tb/, checkpoint {ckpt_dir or step_tag(step) + ' (none written)'}", flush=True)
+        print(f"view with: tensorboard --logdir {os.path.join(cfg.run_dir, 'tb')}", flush=True)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mgpt4-train",
+        description="Train MiniGPT-4 (stage 1 or 2) with DeepSpeed. Config keys can be overridden "
+                    "with dotted key=value arguments, e.g. train.max_steps=50 run_dir=/tmp/r.")
+    p.add_argument("--config", required=True, help="YAML config (see mgpt4_dist/configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, parsed by the key's declared type")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The deepspeed launcher appends --local_rank; ranks are read from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"mgpt4-train: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from mgpt4_dist.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    try:
+        train(cfg)
+    except (ConfigError, FileNotFoundError, TrainingAborted) as e:
+        print(f"mgpt4-train: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingAborted) else 3
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

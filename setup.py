@@ -1,0 +1,35 @@
+"""Packaging for mgpt4_dist: scale-out training for MiniGPT-4 style vision-language models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mgpt4_dist",
+    version="0.1.0",
+    description="Scale-out training for MiniGPT-4 style vision-language models (DeepSpeed / FSDP2, Slurm)",
+    packages=find_packages(include=["mgpt4_dist", "mgpt4_dist.*"]),
+    package_data={"mgpt4_dist": ["configs/*.yaml"]},
+    python_requires=">=3.9",
+    install_requires=[
+        # A range, not a pin: cluster users bring the CUDA build they need.
+        "torch>=2.4",
+        "deepspeed>=0.14",
+        "transformers>=4.40",
+        "webdataset>=0.2.86",
+        "timm>=0.9",
+        "pyyaml",
+        "tensorboard",
+        "sentencepiece",
+        "safetensors",
+        "pillow",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mgpt4-train=mgpt4_dist.train:main",
+            "mgpt4-make-shards=mgpt4_dist.cli.make_shards:main",
+            "mgpt4-make-tiny-assets=mgpt4_dist.cli.make_tiny_assets:main",
+        ],
+    },
+)

@@ -1,0 +1,76 @@
+"""mgpt4-train as a user runs it: the quickstart script, --help, bad configs, a plain process."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_STAGE1, read_metrics
+
+BIN = os.path.dirname(sys.executable)
+
+
+def test_help():
+    proc = subprocess.run([os.path.join(BIN, "mgpt4-train"), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "--config" in proc.stdout and "overrides" in proc.stdout
+
+
+def test_unknown_key_fails_naming_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(TINY_STAGE1).read() + "\ntrain_extra: 1\n")
+    proc = subprocess.run([os.path.join(BIN, "mgpt4-train"), "--config", str(bad)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key train_extra" in proc.stderr
+    proc = subprocess.run([os.path.join(BIN, "mgpt4-train"), "--config", TINY_STAGE1, "train.max_stepz=3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.max_stepz" in proc.stderr
+
+
+def test_shard_pattern_matching_nothing_fails_before_training(tiny_assets, tmp_path, run_train):
+    overrides = [o for o in tiny_assets["overrides"] if not o.startswith("data.shards")]
+    proc = run_train(["--config", TINY_STAGE1, *overrides, f"run_dir={tmp_path / 'r'}",
+                      f"data.shards=[{tmp_path}/missing-{{000..003}}.tar]"], launcher="none", check=False)
+    assert proc.returncode == 2
+    assert "missing-{000..003}.tar" in proc.stderr
+    assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_single_process_without_launcher(tiny_assets, run_train, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=3",
+                      "train.log_every=1", "data.num_workers=0"], launcher="none")
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    assert "done: step 3/3" in proc.stdout
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    import json
+
+    ds = json.load(open(os.path.join(run_dir, "ds_config.json")))
+    assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 2  # derived, no "auto"
+    assert "auto" not in json.dumps(ds)
+
+
+@pytest.mark.slow
+def test_quickstart_script(tmp_path):
+    """The README's first command, pointed at a temp folder; events read back with TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env = {**os.environ, "MGPT4_QUICKSTART_DIR": str(tmp_path / "qs"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "quickstart.sh")], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "qs" / "run"
+    metrics = read_metrics(str(run_dir))
+    assert metrics[-1]["step"] == 40
+    for field in ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s",
+                  "data_wait_s", "max_mem_bytes", "skipped"):
+        assert field in metrics[-1], field
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"]
+    assert [e.step for e in acc.Scalars("train/loss")][-1] == 40
+    assert "data/skipped" in acc.Tags()["scalars"]
+    assert "tensorboard --logdir" in proc.stdout
+    assert (run_dir / "checkpoints" / "step_00000040").is_dir()

@@ -1,0 +1,112 @@
+"""Config tree: YAML loading, typed dotted overrides, unknown keys, shipped configs."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from mgpt4_dist.config import (ConfigError, ShardSource, config_from_dict, load_config, load_prompts, save_config,
+                               shard_sources, to_dict)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")
+
+
+def test_overrides_parse_by_declared_type():
+    cfg = load_config(TINY, ["train.max_steps=50", "run_dir=/tmp/r", "optim.lr=3e-4", "data.resample=false",
+                             "data.end_sym=###", "train.precision=bf16", "optim.betas=[0.8,0.95]"])
+    assert cfg.train.max_steps == 50 and isinstance(cfg.train.max_steps, int)
+    assert cfg.run_dir == "/tmp/r"
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.data.resample is False
+    assert cfg.data.end_sym == "###"  # literal, not a YAML comment
+    assert cfg.optim.betas == [0.8, 0.95]
+
+
+def test_string_override_is_literal():
+    cfg = load_config(TINY, ["data.prompt_template=[INST] {} [/INST] ", "data.end_sym=true", "model.llm_path=123"])
+    assert cfg.data.prompt_template == "[INST] {} [/INST] "
+    assert cfg.data.end_sym == "true"
+    assert cfg.model.llm_path == "123"
+
+
+def test_shard_list_keeps_braces_and_globs():
+    cfg = load_config(TINY, ["data.shards=[/d/a-{000..007}.tar,/e/*.tar,/f/{x,y}.tar]"])
+    assert cfg.data.shards == ["/d/a-{000..007}.tar", "/e/*.tar", "/f/{x,y}.tar"]
+    assert [s.weight for s in shard_sources(cfg.data)] == [1.0, 1.0, 1.0]
+
+
+def test_weighted_sources_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"shards": [{"pattern": "/a/{0..3}.tar", "weight": 115}, "/b/*.tar"]}}))
+    sources = shard_sources(load_config(str(path)).data)
+    assert sources == [ShardSource("/a/{0..3}.tar", 115.0), ShardSource("/b/*.tar", 1.0)]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_stepz=5", "train.max_stepz"),
+    ("nosuchsection.x=1", "nosuchsection"),
+    ("model.vit.widht=3", "model.vit.widht"),
+])
+def test_unknown_override_key_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TINY, [override])
+
+
+def test_unknown_yaml_key_names_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_steps: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_steps=ten", "train.max_steps"),
+    ("data.resample=maybe", "data.resample"),
+    ("train.precision=fp8", "train.precision"),
+    ("parallel.zero_stage=4", "parallel.zero_stage"),
+])
+def test_wrong_type_or_value_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(TINY, [override])
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  micro_batch_size: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size"):
+        load_config(str(path))
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(TINY, ["data.end_sym=\n", "data.shards=[/a/{0..1}.tar]"])
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "mgpt4_dist", "configs", "*.yaml"))))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    name = os.path.basename(path)
+    if name.startswith("stage1"):
+        assert (cfg.data.max_txt_len, cfg.data.end_sym, cfg.optim.lr, cfg.optim.min_lr) == (32, "\n", 1e-4, 8e-5)
+        assert (cfg.optim.warmup_steps, cfg.train.max_steps, cfg.train.micro_batch_size) == (5000, 20000, 64)
+        assert [s.weight for s in shard_sources(cfg.data)] == [115.0, 14.0]
+    if name.startswith("stage2"):
+        assert (cfg.data.max_txt_len, cfg.data.end_sym, cfg.optim.lr, cfg.optim.min_lr) == (160, "###", 3e-5, 1e-5)
+        assert (cfg.optim.warmup_steps, cfg.train.max_steps, cfg.train.micro_batch_size) == (200, 1000, 12)
+        assert cfg.data.prompt_template == "###Human: {} ###Assistant: "
+    if "vicuna13b" in name:
+        assert "13b" in cfg.model.llm_path
+    assert cfg.optim.weight_decay == 0.05
+
+
+def test_prompts_formatted_with_template(tmp_path):
+    prompt_file = tmp_path / "alignment.txt"
+    prompt_file.write_text("<Img><ImageHere></Img> Describe this image in detail.\nno placeholder here\n")
+    cfg = load_config(TINY, ["data.prompt_template=###Human: {} ###Assistant: ", f"data.prompt_path={prompt_file}"])
+    assert load_prompts(cfg.data) == ["###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "]
+    cfg = load_config(TINY, ["data.prompts=[no image here]"])
+    with pytest.raises(ConfigError, match="ImageHere"):
+        load_prompts(cfg.data)

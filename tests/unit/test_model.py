@@ -1,0 +1,132 @@
+"""MiniGPT-4 module: loss against an independent computation, freezing, strict original-layout loading."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mgpt4_dist.assets import build_tiny_llm, build_tiny_qformer_checkpoint, build_tiny_tokenizer, build_tiny_vit_checkpoint
+from mgpt4_dist.config import load_config
+from mgpt4_dist.models.llm import load_tokenizer
+from mgpt4_dist.models.loading import CheckpointMismatchError, load_proj_checkpoint
+from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
+from mgpt4_dist.models.sequence import IGNORE_INDEX, SequenceBuilder
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model_assets")
+    tok = build_tiny_tokenizer(str(root / "tok"))
+    llm = build_tiny_llm(str(root / "llm"), tok)
+    build_tiny_vit_checkpoint(str(root / "vit.pth"))
+    build_tiny_qformer_checkpoint(str(root / "qformer.pth"))
+    return {"llm": llm, "vit": str(root / "vit.pth"), "qformer": str(root / "qformer.pth"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def model_and_builder(assets):
+    cfg = load_config(TINY, [f"model.llm_path={assets['llm']}", f"model.vit_checkpoint={assets['vit']}",
+                             f"model.qformer_checkpoint={assets['qformer']}"])
+    model = build_minigpt4(cfg.model, seed=0)
+    builder = SequenceBuilder(load_tokenizer(assets["llm"]), model.num_image_tokens, 32, "\n")
+    return model, builder
+
+
+def test_loss_is_mean_over_all_scored_tokens(model_and_builder):
+    model, build = model_and_builder
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 224, 224)
+    text = build(["a red circle", "a small green square on a blue background", "stripe"])
+    terms = model.loss_terms(images, text)
+    # Independent: full logits from the HF model, shifted CE over the labels, one mean over all tokens.
+    with torch.no_grad():
+        embeds = model.embed_sequence(model.encode_image(images), text)
+        logits = model.llm(inputs_embeds=embeds).logits.float()
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), text.labels_BT[:, 1:].reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="sum")
+    n = int((text.labels_BT != IGNORE_INDEX).sum())
+    assert terms.num_scored_tokens == n
+    assert terms.loss.item() == pytest.approx((ce / n).item(), rel=1e-5)
+    per_sample_means = torch.stack([terms.token_ce[terms.token_rows == r].mean() for r in range(3)]).mean()
+    assert abs(per_sample_means.item() - terms.loss.item()) > 1e-4  # not a mean of per-sample means
+
+
+def test_image_embeddings_fill_the_slots(model_and_builder):
+    model, build = model_and_builder
+    images = torch.randn(2, 3, 224, 224)
+    text = build(["red", "blue"])
+    with torch.no_grad():
+        image_embeds = model.encode_image(images)
+        embeds = model.embed_sequence(image_embeds, text)
+    n = model.num_image_tokens
+    assert torch.equal(embeds[:, 1:1 + n], image_embeds)
+    bos = model.llm.get_input_embeddings().weight[1]
+    assert torch.equal(embeds[0, 0], bos)
+
+
+def test_only_llama_proj_trains(model_and_builder):
+    model, build = model_and_builder
+    counts = audit_trainable(model)
+    assert counts["trainable_params"] == model.llama_proj.weight.numel() + model.llama_proj.bias.numel()
+    model.train()
+    assert model.training and not model.llm.training and not model.visual_encoder.training and not model.qformer.training
+    model.zero_grad()
+    model(torch.randn(1, 3, 224, 224), build(["red"])).backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"llama_proj.weight", "llama_proj.bias"}
+    model.qformer.query_tokens.requires_grad = True
+    try:
+        with pytest.raises(RuntimeError, match="llama_proj only"):
+            audit_trainable(model)
+    finally:
+        model.qformer.query_tokens.requires_grad = False
+
+
+def test_original_layout_weights_land_in_place(model_and_builder, assets):
+    model, _ = model_and_builder
+    vit = torch.load(assets["vit"], weights_only=True)
+    assert torch.equal(model.visual_encoder.eva.blocks[1].attn.qkv.weight, vit["blocks.1.attn.qkv.weight"])
+    assert torch.equal(model.visual_encoder.eva.blocks[0].attn.q_bias, vit["blocks.0.attn.q_bias"])
+    q = torch.load(assets["qformer"], weights_only=True)["model"]
+    layer0 = model.qformer.bert.encoder.layer[0]
+    assert torch.equal(layer0.crossattention.attention.key.weight, q["Qformer.bert.encoder.layer.0.crossattention.self.key.weight"])
+    assert torch.equal(layer0.attention.attention.query.bias, q["Qformer.bert.encoder.layer.0.attention.self.query.bias"])
+    assert torch.equal(model.qformer.bert.layernorm.weight, q["Qformer.bert.embeddings.LayerNorm.weight"])
+    assert torch.equal(model.qformer.ln_vision.bias, q["ln_vision.bias"])
+    assert torch.equal(model.qformer.query_tokens, q["query_tokens"])
+
+
+def test_wrong_vit_width_fails_with_key_and_shapes(assets, tmp_path):
+    wide = str(tmp_path / "vit96.pth")
+    build_tiny_vit_checkpoint(wide, embed_dim=96)
+    cfg = load_config(TINY, [f"model.llm_path={assets['llm']}", f"model.vit_checkpoint={wide}"])
+    with pytest.raises(CheckpointMismatchError, match=r"vit96\.pth.*has shape \[1, 1, 96\] but the model expects \[1, 1, 64\]"):
+        build_minigpt4(cfg.model, seed=0)
+
+
+def test_missing_qformer_keys_are_named(assets, tmp_path):
+    q = torch.load(assets["qformer"], weights_only=True)
+    del q["model"]["query_tokens"]
+    broken = str(tmp_path / "q.pth")
+    torch.save(q, broken)
+    cfg = load_config(TINY, [f"model.llm_path={assets['llm']}", f"model.qformer_checkpoint={broken}"])
+    with pytest.raises(CheckpointMismatchError, match="missing 1 keys.*query_tokens"):
+        build_minigpt4(cfg.model, seed=0)
+
+
+def test_projection_for_another_llm_width_is_explained(model_and_builder, tmp_path):
+    model, _ = model_and_builder
+    path = str(tmp_path / "proj.pth")
+    torch.save({"model": {"llama_proj.weight": torch.zeros(4096, 64), "llama_proj.bias": torch.zeros(4096)}}, path)
+    with pytest.raises(CheckpointMismatchError, match="for a 7B LLM"):
+        load_proj_checkpoint(model.llama_proj, path)
+
+
+def test_random_init_is_seeded(assets):
+    cfg = load_config(TINY, [f"model.llm_path={assets['llm']}"])
+    a, b = build_minigpt4(cfg.model, seed=5), build_minigpt4(cfg.model, seed=5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name

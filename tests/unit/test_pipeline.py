@@ -1,0 +1,141 @@
+"""The training stream: exact resume positions, distinct splits, weighted mixing, bad samples."""
+import io
+import json
+import os
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+from mgpt4_dist.data.pipeline import ShardStream, build_batch_loader, resolve_sources
+from mgpt4_dist.data.shards import synthetic_samples, write_shards
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(synthetic_samples(60, seed=1, image_size=32), str(out), samples_per_shard=10, progress=False)
+    return str(out)
+
+
+def loader(sources, start=None, num_workers=0, rank=0, world_size=1, resample=True, batch_size=4):
+    return build_batch_loader(sources, rank=rank, world_size=world_size, num_workers=num_workers, seed=7,
+                              resample=resample, batch_size=batch_size, image_size=IMAGE_SIZE,
+                              clean_captions=True, max_caption_words=50, start=start)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_exactly(shard_dir, num_workers):
+    sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
+    straight = loader(sources, num_workers=num_workers)
+    reference = [next(straight) for _ in range(9)]
+    first = loader(sources, num_workers=num_workers)
+    for _ in range(5):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # must survive serialisation
+    resumed = loader(sources, start=state, num_workers=num_workers)
+    for expected in reference[5:]:
+        got = next(resumed)
+        assert got["keys"] == expected["keys"]
+        assert torch.equal(got["images"], expected["images"])
+    assert resumed.state_dict()["batches"] == 9
+
+
+def test_ranks_read_different_samples(shard_dir):
+    sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
+    a = loader(sources, rank=0, world_size=2)
+    b = loader(sources, rank=1, world_size=2)
+    assert [next(a)["keys"] for _ in range(5)] != [next(b)["keys"] for _ in range(5)]
+
+
+def test_one_pass_without_resampling_has_no_duplicates_or_gaps(shard_dir):
+    sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
+    world, workers = 2, 2
+    seen = []
+    for rank in range(world):
+        stream = ShardStream(sources, rank=rank, world_size=world, num_workers=workers, seed=3, resample=False,
+                             batch_size=4, image_size=IMAGE_SIZE, clean_captions=True, max_caption_words=50)
+        for role in range(workers):
+            for _, _, key, pos in stream.samples(rank * workers + role, {"epoch": 0, "index": 0, "offset": 0, "skipped": 0}):
+                if pos["epoch"] > 0:  # first sample of the next pass
+                    break
+                seen.append(key)
+    assert len(seen) == 60 and len(set(seen)) == 60
+
+
+def test_too_few_shards_for_distinct_splits_is_an_error(shard_dir):
+    sources = resolve_sources([(os.path.join(shard_dir, "shard-00000[01].tar"), 1.0)])
+    with pytest.raises(ValueError, match="resample=false needs at least"):
+        ShardStream(sources, rank=0, world_size=2, num_workers=2, seed=0, resample=False, batch_size=2,
+                    image_size=IMAGE_SIZE, clean_captions=True, max_caption_words=50)
+
+
+def test_weighted_mix_follows_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_shards(((f"a{k}", img, cap) for k, img, cap in synthetic_samples(20, seed=2, image_size=16)),
+                 str(a), samples_per_shard=5, progress=False)
+    write_shards(((f"b{k}", img, cap) for k, img, cap in synthetic_samples(20, seed=3, image_size=16)),
+                 str(b), samples_per_shard=5, progress=False)
+    sources = resolve_sources([(str(a / "*.tar"), 3.0), (str(b / "*.tar"), 1.0)])
+    stream = ShardStream(sources, rank=0, world_size=1, num_workers=1, seed=0, resample=True, batch_size=1,
+                         image_size=16, clean_captions=True, max_caption_words=50)
+    picks = [stream.shard_at(0, 0, i) for i in range(4000)]
+    frac_a = sum("/a/" in p for p in picks) / len(picks)
+    assert 0.72 < frac_a < 0.78
+
+
+def test_missing_pattern_is_an_error_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        resolve_sources([(str(tmp_path / "nothing-here-*.tar"), 1.0)])
+
+
+def _jpeg(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    shard = tmp_path / "bad-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, "good1.jpg", _jpeg("red"))
+        _add(tar, "good1.json", json.dumps({"caption": "A red thing."}).encode())
+        _add(tar, "corrupt.jpg", _jpeg("blue")[:40])  # truncated JPEG
+        _add(tar, "corrupt.json", json.dumps({"caption": "blue"}).encode())
+        _add(tar, "nocap.jpg", _jpeg("green"))
+        _add(tar, "nocap.json", json.dumps({"url": "x"}).encode())
+        _add(tar, "good2.jpg", _jpeg("white"))
+        _add(tar, "good2.json", json.dumps({"caption": "White!"}).encode())
+    # A second shard cut in the middle: its readable samples are used, the rest is one skip.
+    write_shards(synthetic_samples(6, seed=4, image_size=16), str(tmp_path / "w"), samples_per_shard=6, progress=False)
+    data = open(os.path.join(tmp_path, "w", os.listdir(tmp_path / "w")[0]), "rb").read()
+    (tmp_path / "bad-000001.tar").write_bytes(data[: len(data) // 2])
+    sources = resolve_sources([(str(tmp_path / "bad-*.tar"), 1.0)])
+    stream = ShardStream(sources, rank=0, world_size=1, num_workers=1, seed=0, resample=False, batch_size=1,
+                         image_size=16, clean_captions=True, max_caption_words=50)
+    got = []
+    for _, caption, key, pos in stream.samples(0, {"epoch": 0, "index": 0, "offset": 0, "skipped": 0}):
+        if pos["epoch"] > 0:  # one full pass over both shards
+            break
+        got.append((key, caption, pos["skipped"]))
+    keys = [k for k, _, _ in got]
+    assert "corrupt" not in keys and "nocap" not in keys
+    assert ("good1", "a red thing", ) == got[keys.index("good1")][:2]
+    assert ("good2", "white", ) == got[keys.index("good2")][:2]
+    synthetic = [k for k in keys if k not in ("good1", "good2")]
+    assert 1 <= len(synthetic) < 6  # the readable part of the truncated shard, not all of it
+    # 2 bad samples in the first shard + 1 for the truncated tail of the second
+    assert max(s for _, _, s in got) >= 2
+    bl = loader(sources, resample=False, batch_size=1)
+    for _ in range(7):  # one pass (6 good samples) and into the next
+        next(bl)
+    assert bl.skipped >= 3
