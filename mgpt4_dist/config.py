@@ -53,6 +53,8 @@ class QFormerConfig:
 @dataclass
 class ModelConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
+    # False: the Llama-2 variant: no Q-Former, 4 consecutive ViT patch tokens concatenated per image token.
+    has_qformer: bool = True
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     # A Hugging Face LLaMA folder (config.json, weights, tokenizer.model).
     llm_path: str = ""

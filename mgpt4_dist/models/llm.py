@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
 
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -43,11 +46,7 @@ def load_tokenizer(llm_path: str):
     LlamaTokenizer does; `$$` must be an existing piece (setting it must not grow the vocab).
     """
     if os.path.isfile(os.path.join(llm_path, "tokenizer.model")):
-        # Build from the sentencepiece model itself: transformers' converted LlamaTokenizer drops the
-        # dummy prefix of text that starts with whitespace, the original's slow tokenizer does not.
-        from transformers import TokenizersBackend
-
-        tok = TokenizersBackend.from_pretrained(llm_path)
+        tok = _tokenizer_from_sentencepiece(llm_path)
     else:
         tok = AutoTokenizer.from_pretrained(llm_path)
     vocab_before = len(tok)
@@ -57,12 +56,46 @@ def load_tokenizer(llm_path: str):
     return tok
 
 
+def _tokenizer_from_sentencepiece(llm_path: str):
+    """A tokenizer built from `tokenizer.model` alone, as the original's slow LlamaTokenizer reads it.
+
+    transformers' converted LlamaTokenizer (and a saved tokenizer.json) drop the dummy prefix of
+    text that starts with whitespace; building from the sentencepiece model keeps it. The other
+    files are left behind so a tokenizer.json cannot take precedence.
+    """
+    from transformers import TokenizersBackend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(os.path.join(llm_path, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+        config = {}
+        if os.path.isfile(os.path.join(llm_path, "tokenizer_config.json")):
+            with open(os.path.join(llm_path, "tokenizer_config.json")) as f:
+                config = json.load(f)
+        config.update(tokenizer_class="TokenizersBackend", legacy=True)
+        for key in ("bos_token", "eos_token", "unk_token"):
+            config.setdefault(key, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}[key])
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f)
+        return TokenizersBackend.from_pretrained(tmp)
+
+
 def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa") -> LlamaForCausalLM:
     if not llm_path:
         raise ValueError("model.llm_path is empty: point it at a Hugging Face LLaMA folder "
                          "(mgpt4-make-tiny-assets writes a tiny one)")
     if not os.path.isfile(os.path.join(llm_path, "config.json")):
         raise FileNotFoundError(f"model.llm_path={llm_path}: no config.json there; expected a Hugging Face LLaMA folder")
-    llm = LlamaForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_impl)
+    # Old folders may carry rotary_emb.inv_freq buffers; transformers drops them. Anything missing
+    # or mis-shaped would be silently re-initialised: refuse that instead.
+    llm, info = LlamaForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_impl,
+                                                 output_loading_info=True)
+    missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        from mgpt4_dist.models.loading import CheckpointMismatchError
+
+        raise CheckpointMismatchError(
+            f"{llm_path}: the LLM weights do not fit its config.json: "
+            + (f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})" if missing else "")
+            + (f" mis-shaped {mismatched[:3]}" if mismatched else ""))
     log.info("loaded LLM %s (%s, attention=%s)", llm_path, dtype, attn_impl)
     return llm

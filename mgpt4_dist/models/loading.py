@@ -75,12 +75,32 @@ def load_vit_checkpoint(vit: nn.Module, path: str) -> None:
         log.info("%s: ignoring blocks %s (model.vit.depth=%d)", path, extra_blocks, depth)
     state = {k: v for k, v in state.items() if not ((m := _BLOCK_KEY.match(k)) and int(m.group(1)) >= depth)}
 
+    state = interpolate_pos_embed(state, vit.eva.pos_embed.shape[1], path)
+
     def hint(key: str, want: tuple, got: tuple) -> str:
         if key == "pos_embed":
             return "the checkpoint was made for another image size or patch size (model.vit.img_size/patch_size)"
         return "the checkpoint is for another ViT width (model.vit.embed_dim / mlp_ratio)"
 
     load_strict(vit.eva, state, path, "EVA ViT", hint)
+
+
+def interpolate_pos_embed(state: dict, num_positions: int, path: str) -> dict:
+    """Resize a checkpoint's square grid of patch position embeddings to the model's image size
+    (bicubic, CLS position kept), as the original does when image_size differs from 224."""
+    pos = state.get("pos_embed")
+    if pos is None or pos.shape[1] == num_positions:
+        return state
+    extra = 1  # the CLS position
+    old_side, new_side = round((pos.shape[1] - extra) ** 0.5), round((num_positions - extra) ** 0.5)
+    if old_side ** 2 + extra != pos.shape[1] or new_side ** 2 + extra != num_positions:
+        return state  # not a square grid: let the strict shape check report it
+    log.info("%s: interpolating pos_embed from %dx%d to %dx%d patches", path, old_side, old_side, new_side, new_side)
+    dim = pos.shape[-1]
+    grid = pos[:, extra:].float().reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    resized = torch.cat([pos[:, :extra].float(), grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+    return {**state, "pos_embed": resized.to(pos.dtype)}
 
 
 # --------------------------------------------------------------------------- BLIP-2 Q-Former
@@ -148,8 +168,11 @@ def proj_state_from_file(state: dict) -> Dict[str, torch.Tensor]:
     return {}
 
 
-def load_proj_checkpoint(proj: nn.Linear, path: str) -> None:
-    found = proj_state_from_file(read_weights(path))
+def load_proj_checkpoint(proj: nn.Linear, path: str, ln_vision: Optional[nn.LayerNorm] = None) -> None:
+    """llama_proj from a MiniGPT-4 file. For the Llama-2 variant, `ln_vision` is loaded from the
+    same file when it carries `ln_vision.*` (else it keeps its default init, as the original)."""
+    raw = read_weights(path)
+    found = proj_state_from_file(raw)
     if not found:
         raise CheckpointMismatchError(f"{path}: no llama_proj.* tensors found (is this a MiniGPT-4 checkpoint?)")
 
@@ -163,3 +186,8 @@ def load_proj_checkpoint(proj: nn.Linear, path: str) -> None:
         return "another projection shape"
 
     load_strict(proj, found, path, "llama_proj", hint)
+    if ln_vision is not None:
+        model_state = raw["model"] if isinstance(raw.get("model"), dict) else raw
+        norm = {k[len("ln_vision."):]: v for k, v in model_state.items() if k.startswith("ln_vision.")}
+        if norm:
+            load_strict(ln_vision, norm, path, "ln_vision")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +33,40 @@ class LossTerms:
     num_scored_tokens: int
 
 
+# The Llama-2 variant groups this many consecutive ViT patch tokens into one LLM token.
+PATCHES_PER_TOKEN = 4
+
+
 class MiniGPT4(nn.Module):
-    def __init__(self, visual_encoder: EvaViT, qformer: QFormer, llm: nn.Module):
+    """With a Q-Former (Vicuna MiniGPT-4) or without one (the Llama-2 variant: ln_vision, CLS
+    dropped, 4 consecutive patch tokens concatenated and projected)."""
+
+    def __init__(self, visual_encoder: EvaViT, qformer: Optional[QFormer], llm: nn.Module,
+                 ln_vision_eps: float = 1e-5):
         super().__init__()
         self.visual_encoder = visual_encoder
         self.qformer = qformer
         self.llm = llm
-        self.llama_proj = nn.Linear(qformer.cfg.hidden_size, llm.config.hidden_size)
+        vit_width = visual_encoder.cfg.embed_dim
+        if qformer is None:
+            self.ln_vision = nn.LayerNorm(vit_width, eps=ln_vision_eps)
+            num_patches = visual_encoder.num_tokens - 1
+            if num_patches % PATCHES_PER_TOKEN:
+                raise ValueError(f"the Llama-2 variant needs a patch count divisible by {PATCHES_PER_TOKEN}, got {num_patches}")
+            self._num_image_tokens = num_patches // PATCHES_PER_TOKEN
+            proj_in = vit_width * PATCHES_PER_TOKEN
+        else:
+            self._num_image_tokens = qformer.cfg.num_query_tokens
+            proj_in = qformer.cfg.hidden_size
+        self.llama_proj = nn.Linear(proj_in, llm.config.hidden_size)
 
     @property
     def num_image_tokens(self) -> int:
-        return self.qformer.cfg.num_query_tokens
+        return self._num_image_tokens
 
     def frozen_modules(self) -> list[nn.Module]:
-        return [self.visual_encoder, self.qformer, self.llm]
+        vision = [self.qformer] if self.qformer is not None else [self.ln_vision]
+        return [self.visual_encoder, *vision, self.llm]
 
     def train(self, mode: bool = True) -> "MiniGPT4":
         # Frozen towers stay in eval mode whatever the trainer asks (no dropout, fixed norms).
@@ -60,8 +81,13 @@ class MiniGPT4(nn.Module):
         with torch.no_grad():
             dtype = next(self.visual_encoder.parameters()).dtype
             image_tokens_BND = self.visual_encoder(images_BCHW.to(dtype))
-            queries_BQH = self.qformer(image_tokens_BND)
-        return self.llama_proj(queries_BQH.to(self.llama_proj.weight.dtype))
+            if self.qformer is not None:
+                features_BQH = self.qformer(image_tokens_BND)
+            else:
+                patches_BND = self.ln_vision(image_tokens_BND)[:, 1:, :]
+                B, N, D = patches_BND.shape
+                features_BQH = patches_BND.reshape(B, N // PATCHES_PER_TOKEN, D * PATCHES_PER_TOKEN)
+        return self.llama_proj(features_BQH.to(self.llama_proj.weight.dtype))
 
     def embed_sequence(self, image_embeds_BQD: torch.Tensor, text: TextBatch) -> torch.Tensor:
         embed = self.llm.get_input_embeddings()
@@ -100,16 +126,19 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
     torch.manual_seed(seed)
     vit = EvaViT(cfg.vit)
     torch.manual_seed(seed + 1)
-    qformer = QFormer(cfg.qformer, vision_width=cfg.vit.embed_dim, ln_vision_eps=cfg.ln_vision_eps)
+    qformer = QFormer(cfg.qformer, vision_width=cfg.vit.embed_dim, ln_vision_eps=cfg.ln_vision_eps) if cfg.has_qformer else None
     llm = load_llm(cfg.llm_path, dtype=dtype, attn_impl=choose_attn_impl(cfg.attn_impl, device_type))
     torch.manual_seed(seed + 2)
-    model = MiniGPT4(vit, qformer, llm)
+    model = MiniGPT4(vit, qformer, llm, ln_vision_eps=cfg.ln_vision_eps)
     if cfg.vit_checkpoint:
         loading.load_vit_checkpoint(model.visual_encoder, cfg.vit_checkpoint)
     if cfg.qformer_checkpoint:
+        if qformer is None:
+            raise ValueError("model.qformer_checkpoint is set but model.has_qformer=false (the Llama-2 variant has no Q-Former)")
         loading.load_qformer_checkpoint(model.qformer, cfg.qformer_checkpoint)
     if cfg.proj_checkpoint:
-        loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint)
+        loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint,
+                                     ln_vision=model.ln_vision if qformer is None else None)
     model.to(dtype)
     apply_freezing(model)
     return model

@@ -94,9 +94,12 @@ def test_shipped_configs_load(path):
         assert (cfg.optim.warmup_steps, cfg.train.max_steps, cfg.train.micro_batch_size) == (5000, 20000, 64)
         assert [s.weight for s in shard_sources(cfg.data)] == [115.0, 14.0]
     if name.startswith("stage2"):
-        assert (cfg.data.max_txt_len, cfg.data.end_sym, cfg.optim.lr, cfg.optim.min_lr) == (160, "###", 3e-5, 1e-5)
+        end_sym, template = ("</s>", "[INST] {} [/INST] ") if "llama2" in name else ("###", "###Human: {} ###Assistant: ")
+        assert (cfg.data.max_txt_len, cfg.data.end_sym, cfg.optim.lr, cfg.optim.min_lr) == (160, end_sym, 3e-5, 1e-5)
         assert (cfg.optim.warmup_steps, cfg.train.max_steps, cfg.train.micro_batch_size) == (200, 1000, 12)
-        assert cfg.data.prompt_template == "###Human: {} ###Assistant: "
+        assert cfg.data.prompt_template == template
+        assert not cfg.data.clean_captions
+    assert cfg.model.has_qformer == ("llama2" not in name)
     if "vicuna13b" in name:
         assert "13b" in cfg.model.llm_path
     assert cfg.optim.weight_decay == 0.05

@@ -130,3 +130,26 @@ def test_random_init_is_seeded(assets):
     a, b = build_minigpt4(cfg.model, seed=5), build_minigpt4(cfg.model, seed=5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_llama2_variant_groups_four_patch_tokens(assets, tmp_path):
+    cfg = load_config(TINY, [f"model.llm_path={assets['llm']}", f"model.vit_checkpoint={assets['vit']}",
+                             "model.has_qformer=false"])
+    # A MiniGPT-4 Llama-2 checkpoint may carry ln_vision; it is loaded from the same file then.
+    proj = {"llama_proj.weight": torch.randn(64, 256) * 0.02, "llama_proj.bias": torch.zeros(64),
+            "ln_vision.weight": torch.rand(64) + 0.5, "ln_vision.bias": torch.randn(64) * 0.1}
+    torch.save({"model": proj}, tmp_path / "llama2_proj.pth")
+    cfg.model.proj_checkpoint = str(tmp_path / "llama2_proj.pth")
+    model = build_minigpt4(cfg.model, seed=0)
+    assert model.num_image_tokens == 64 and model.qformer is None
+    assert torch.equal(model.ln_vision.weight, proj["ln_vision.weight"])
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = model.visual_encoder(images)
+        normed = F.layer_norm(tokens, (64,), proj["ln_vision.weight"], proj["ln_vision.bias"], eps=1e-5)[:, 1:]
+        grouped = torch.cat([normed[:, i::4] for i in range(4)], dim=-1)  # 4 consecutive tokens side by side
+        expected = grouped @ proj["llama_proj.weight"].T + proj["llama_proj.bias"]
+        assert torch.allclose(model.encode_image(images), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="has_qformer=false"):
+        cfg.model.qformer_checkpoint = assets["qformer"]
+        build_minigpt4(cfg.model, seed=0)

@@ -114,6 +114,10 @@ def test_tokenizer_matches_sentencepiece_for_a_llama_tokenizer_folder(tok_dir, s
     config["tokenizer_class"] = "LlamaTokenizer"
     config.pop("legacy", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))  # adds a converted tokenizer.json
+    assert (folder / "tokenizer.json").exists()
     tok = load_tokenizer(str(folder))
     for text in [" leading space", "  two", "###Human: <Img>", "</Img> Describe this image. ###Assistant: ",
                  "a red circle\n", "naïve café 🙂", "[INST] <Img>", " [/INST] "]:
