@@ -39,6 +39,16 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
-    # LambdaLR multiplies the optimizer's base lr (cfg.lr); express the schedule as a ratio.
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, max_steps) / cfg.lr)
+class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Sets every group's lr to `lr_at(step)` (absolute, so optim.lr=0 works too)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+        self.cfg, self.max_steps = cfg, max_steps
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [lr_at(self.last_epoch, self.cfg, self.max_steps)] * len(self.optimizer.param_groups)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> WarmupCosineLR:
+    return WarmupCosineLR(optimizer, cfg, max_steps)

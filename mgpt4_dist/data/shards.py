@@ -79,7 +79,9 @@ def expand_shard_pattern(pattern: str) -> List[str]:
     missing: List[str] = []
     for item in expanded:
         item = os.path.expanduser(item)
-        if _GLOB_CHARS.search(item):
+        if os.path.isfile(os.path.join(item, ALIGN_ANNOTATIONS)):
+            found.update(align_folder_shards(item))
+        elif _GLOB_CHARS.search(item):
             found.update(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
         elif os.path.isfile(item):
             found.add(item)
@@ -248,13 +250,20 @@ def _tar_members(tar: tarfile.TarFile, raw: io.BufferedReader) -> Iterator[Tuple
 
 
 def read_shard_samples(path: str) -> Iterator[Dict[str, Any]]:
-    """Raw samples of one shard: dicts of `__key__`, `__url__` (the path) and bytes per field, in order.
+    """A cc_sbu_align folder's virtual shard (`FOLDER#alignK`, see `align_folder_shards`) is read
+    straight from its filter_cap.json and image/ folder.
+
+    Raw samples of one shard: dicts of `__key__`, `__url__` (the path) and bytes per field, in order.
 
     Images are not decoded. If the tar is truncated or corrupt, the samples read before the damage
     are yielded (the last one possibly missing fields, which `decode_sample` rejects), then
     `BadSampleError("{path}: truncated or corrupt tar after N samples: ...")` is raised. A missing
     or unreadable file raises its OSError (FileNotFoundError, PermissionError) instead.
     """
+    virtual = _ALIGN_SHARD.match(path)
+    if virtual:
+        yield from _read_align_chunk(virtual.group(1), int(virtual.group(2)))
+        return
     with open(path, "rb") as raw:
         count = 0
         current: Optional[Dict[str, Any]] = None
@@ -281,6 +290,39 @@ def read_shard_samples(path: str) -> Iterator[Dict[str, Any]]:
             count += 1
         if error is not None:
             raise BadSampleError(f"{path}: truncated or corrupt tar after {count} samples: {error}") from error
+
+
+# A cc_sbu_align folder (filter_cap.json + image/) is read directly, split into virtual shards of
+# this many samples so it can be divided among ranks and workers like tar shards.
+ALIGN_ANNOTATIONS = "filter_cap.json"
+ALIGN_CHUNK = 64
+_ALIGN_SHARD = re.compile(r"^(.*)#align(\d+)$")
+
+
+def _align_annotations(folder: str) -> List[dict]:
+    with open(os.path.join(folder, ALIGN_ANNOTATIONS)) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise CaptionsFileError(f"{folder}/{ALIGN_ANNOTATIONS}: expected {{\"annotations\": [...]}}")
+    return data["annotations"]
+
+
+def align_folder_shards(folder: str) -> List[str]:
+    count = len(_align_annotations(folder))
+    return [f"{folder}#align{k}" for k in range((count + ALIGN_CHUNK - 1) // ALIGN_CHUNK)]
+
+
+def _read_align_chunk(folder: str, chunk: int) -> Iterator[Dict[str, Any]]:
+    """Raw samples like a tar shard's; a missing image leaves the sample without one (a counted skip)."""
+    for ann in _align_annotations(folder)[chunk * ALIGN_CHUNK:(chunk + 1) * ALIGN_CHUNK]:
+        key = str(ann.get("image_id", ""))
+        sample: Dict[str, Any] = {"__key__": key, "__url__": f"{folder}#align{chunk}",
+                                  "json": json.dumps({"caption": ann.get("caption")}).encode("utf-8")}
+        image_path = os.path.join(folder, "image", f"{key}.jpg")
+        if os.path.isfile(image_path):
+            with open(image_path, "rb") as f:
+                sample["jpg"] = f.read()
+        yield sample
 
 
 def _where(raw: Mapping[str, Any]) -> str:

@@ -74,3 +74,35 @@ def test_quickstart_script(tmp_path):
     assert "data/skipped" in acc.Tags()["scalars"]
     assert "tensorboard --logdir" in proc.stdout
     assert (run_dir / "checkpoints" / "step_00000040").is_dir()
+
+
+@pytest.mark.slow
+def test_stage2_from_a_stage1_projection_on_a_cc_sbu_align_folder(tiny_assets, run_train, tmp_path):
+    import json
+
+    import torch
+
+    from conftest import TINY_STAGE2
+    from mgpt4_dist.data.shards import synthetic_samples
+
+    root = tmp_path / "cc_sbu_align"
+    (root / "image").mkdir(parents=True)
+    annotations = []
+    for key, jpeg, caption in synthetic_samples(24, seed=5):
+        (root / "image" / f"{int(key)}.jpg").write_bytes(jpeg)
+        annotations.append({"image_id": str(int(key)), "caption": caption})
+    (root / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
+    stage1 = {"llama_proj.weight": torch.randn(64, 64) * 0.02, "llama_proj.bias": torch.zeros(64)}
+    torch.save({"model": stage1}, tmp_path / "stage1.pth")
+    overrides = [o for o in tiny_assets["overrides"] if not o.startswith("data.shards")]
+    run_dir = tmp_path / "run"
+    proc = run_train(["--config", TINY_STAGE2, *overrides, f"run_dir={run_dir}", f"data.shards=[{root}]",
+                      f"model.proj_checkpoint={tmp_path / 'stage1.pth'}", "train.max_steps=3", "train.log_every=1",
+                      "data.num_workers=0", "optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0"], launcher="none")
+    metrics = read_metrics(str(run_dir))
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[0]["skipped"] == 0
+    # lr 0: the projection must still be exactly the stage-1 one, loaded from the original format.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000003")
+    assert torch.equal(state["llama_proj.weight"], stage1["llama_proj.weight"])

@@ -139,3 +139,27 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     for _ in range(7):  # one pass (6 good samples) and into the next
         next(bl)
     assert bl.skipped >= 3
+
+
+def test_cc_sbu_align_folder_reads_directly(tmp_path):
+    """Stage 2 can train on the original cc_sbu_align folder without making shards first."""
+    root = tmp_path / "cc_sbu_align"
+    (root / "image").mkdir(parents=True)
+    annotations = []
+    for i in range(70):
+        if i != 5:  # image 5 is missing: a counted skip
+            (root / "image" / f"{i}.jpg").write_bytes(_jpeg((i * 3, 100, 200)))
+        annotations.append({"image_id": str(i), "caption": f"Caption number {i}. Verbatim!"})
+    (root / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
+    sources = resolve_sources([(str(root), 1.0)])
+    assert [len(s.shards) for s in sources] == [2]  # 70 samples in virtual shards of 64
+    stream = ShardStream(sources, rank=0, world_size=1, num_workers=1, seed=0, resample=False, batch_size=1,
+                         image_size=16, clean_captions=False, max_caption_words=50)
+    got = {}
+    for _, caption, key, pos in stream.samples(0, {"epoch": 0, "index": 0, "offset": 0, "skipped": 0}):
+        if pos["epoch"] > 0:
+            break
+        got[key] = (caption, pos["skipped"])
+    assert len(got) == 69 and "5" not in got
+    assert got["7"][0] == "Caption number 7. Verbatim!"  # stage-2 answers are not cleaned
+    assert max(skipped for _, skipped in got.values()) == 1
