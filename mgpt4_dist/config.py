@@ -95,6 +95,8 @@ class DataConfig:
     # Stage 1 cleans captions as BLIP does; stage 2 uses answers verbatim.
     clean_captions: bool = True
     max_caption_words: int = 50
+    # True: shards hold precomputed vision features (mgpt4-cache-features) instead of images.
+    features: bool = False
 
 
 @dataclass

@@ -25,7 +25,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mgpt4_dist.data.shards import BadSampleError, decode_sample, expand_shard_pattern, read_shard_samples
+from mgpt4_dist.data.shards import (BadSampleError, decode_feature_sample, decode_sample, expand_shard_pattern,
+                                    read_shard_samples)
 from mgpt4_dist.data.transforms import build_image_transform
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
                  resample: bool, batch_size: int, image_size: int, clean_captions: bool,
-                 max_caption_words: int, start: Optional[dict] = None):
+                 max_caption_words: int, start: Optional[dict] = None, features: bool = False):
         self.sources = sources
+        self.features = features  # samples hold cached vision features instead of images
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.seed, self.resample = seed, resample
@@ -116,7 +118,10 @@ class ShardStream(IterableDataset):
                         continue  # already consumed before a resume: skip without decoding
                     pos["offset"] = n + 1
                     try:
-                        image, caption = decode_sample(raw, transform, self.clean_captions, self.max_caption_words)
+                        if self.features:
+                            image, caption = decode_feature_sample(raw, self.clean_captions, self.max_caption_words)
+                        else:
+                            image, caption = decode_sample(raw, transform, self.clean_captions, self.max_caption_words)
                     except BadSampleError as e:
                         pos["skipped"] += 1
                         log.warning("skipping bad sample (%d so far on stream %d): %s", pos["skipped"], stream, e)
@@ -181,11 +186,12 @@ class BatchLoader:
 def build_batch_loader(sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
                        resample: bool, batch_size: int, image_size: int, clean_captions: bool,
                        max_caption_words: int, start: Optional[dict] = None,
-                       pin_memory: bool = False) -> BatchLoader:
+                       pin_memory: bool = False, features: bool = False) -> BatchLoader:
     if start and start.get("num_workers", num_workers or 1) != max(1, num_workers):
         log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart from their "
                     "recorded positions where they exist", start.get("num_workers"), num_workers)
     stream = ShardStream(sources, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
                          resample=resample, batch_size=batch_size, image_size=image_size,
-                         clean_captions=clean_captions, max_caption_words=max_caption_words, start=start)
+                         clean_captions=clean_captions, max_caption_words=max_caption_words, start=start,
+                         features=features)
     return BatchLoader(stream, num_workers, pin_memory)

@@ -390,6 +390,46 @@ def decode_sample(raw: Mapping[str, Any], transform: Callable[[Image.Image], "to
     return transform(image), caption
 
 
+# Precomputed vision features (mgpt4-cache-features) are stored as a `.npy` field: numpy's own
+# format, read without pickle.
+FEATURES_FIELD = "npy"
+
+
+def encode_features(features: "torch.Tensor") -> bytes:
+    import numpy as np
+    import torch
+
+    tensor = features.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: float32 holds it exactly
+        tensor = tensor.float()
+    buf = io.BytesIO()
+    np.save(buf, tensor.numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_feature_sample(raw: Mapping[str, Any], clean: bool, max_words: int) -> Tuple["torch.Tensor", str]:
+    """(features [image tokens, width], caption) of a sample written by mgpt4-cache-features."""
+    import numpy as np
+    import torch
+
+    where = _where(raw)
+    if FEATURES_FIELD not in raw:
+        raise BadSampleError(f"{where}: no cached features ({FEATURES_FIELD}); is data.features=true "
+                             f"pointing at image shards? Run mgpt4-cache-features first")
+    caption = _raw_caption(raw, where)
+    if clean:
+        caption = blip_caption(caption, max_words)
+        if not caption:
+            raise BadSampleError(f"{where}: caption is empty after cleaning")
+    try:
+        array = np.load(io.BytesIO(raw[FEATURES_FIELD]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadSampleError(f"{where}: unreadable features: {e}") from e
+    if array.ndim != 2:
+        raise BadSampleError(f"{where}: features of shape {array.shape}, expected [image tokens, width]")
+    return torch.from_numpy(array), caption
+
+
 # =============================================================================================
 # Sources: a folder of images with a captions file, and the cc_sbu_align layout
 # =============================================================================================

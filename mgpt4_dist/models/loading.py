@@ -168,11 +168,19 @@ def proj_state_from_file(state: dict) -> Dict[str, torch.Tensor]:
     return {}
 
 
-def load_proj_checkpoint(proj: nn.Linear, path: str, ln_vision: Optional[nn.LayerNorm] = None) -> None:
-    """llama_proj from a MiniGPT-4 file. For the Llama-2 variant, `ln_vision` is loaded from the
-    same file when it carries `ln_vision.*` (else it keeps its default init, as the original)."""
+def load_ln_vision_from_proj_checkpoint(ln_vision: nn.LayerNorm, path: str) -> None:
+    """The Llama-2 variant's ln_vision comes from the MiniGPT-4 file when it carries `ln_vision.*`,
+    else it keeps its default init (weight 1, bias 0), as in the original."""
     raw = read_weights(path)
-    found = proj_state_from_file(raw)
+    state = raw["model"] if isinstance(raw.get("model"), dict) else raw
+    norm = {k[len("ln_vision."):]: v for k, v in state.items() if k.startswith("ln_vision.")}
+    if norm:
+        load_strict(ln_vision, norm, path, "ln_vision")
+
+
+def load_proj_checkpoint(proj: nn.Linear, path: str) -> None:
+    """llama_proj from a MiniGPT-4 file (or our own exported/consolidated one)."""
+    found = proj_state_from_file(read_weights(path))
     if not found:
         raise CheckpointMismatchError(f"{path}: no llama_proj.* tensors found (is this a MiniGPT-4 checkpoint?)")
 
@@ -186,8 +194,3 @@ def load_proj_checkpoint(proj: nn.Linear, path: str, ln_vision: Optional[nn.Laye
         return "another projection shape"
 
     load_strict(proj, found, path, "llama_proj", hint)
-    if ln_vision is not None:
-        model_state = raw["model"] if isinstance(raw.get("model"), dict) else raw
-        norm = {k[len("ln_vision."):]: v for k, v in model_state.items() if k.startswith("ln_vision.")}
-        if norm:
-            load_strict(ln_vision, norm, path, "ln_vision")

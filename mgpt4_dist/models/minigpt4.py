@@ -42,22 +42,16 @@ class MiniGPT4(nn.Module):
     dropped, 4 consecutive patch tokens concatenated and projected)."""
 
     def __init__(self, visual_encoder: EvaViT, qformer: Optional[QFormer], llm: nn.Module,
-                 ln_vision_eps: float = 1e-5):
+                 ln_vision: Optional[nn.LayerNorm] = None):
         super().__init__()
         self.visual_encoder = visual_encoder
         self.qformer = qformer
         self.llm = llm
-        vit_width = visual_encoder.cfg.embed_dim
         if qformer is None:
-            self.ln_vision = nn.LayerNorm(vit_width, eps=ln_vision_eps)
-            num_patches = visual_encoder.num_tokens - 1
-            if num_patches % PATCHES_PER_TOKEN:
-                raise ValueError(f"the Llama-2 variant needs a patch count divisible by {PATCHES_PER_TOKEN}, got {num_patches}")
-            self._num_image_tokens = num_patches // PATCHES_PER_TOKEN
-            proj_in = vit_width * PATCHES_PER_TOKEN
-        else:
-            self._num_image_tokens = qformer.cfg.num_query_tokens
-            proj_in = qformer.cfg.hidden_size
+            if ln_vision is None:
+                raise ValueError("the Llama-2 variant (no Q-Former) needs its ln_vision")
+            self.ln_vision = ln_vision
+        self._num_image_tokens, proj_in = vision_feature_shape(visual_encoder, qformer)
         self.llama_proj = nn.Linear(proj_in, llm.config.hidden_size)
 
     @property
@@ -75,18 +69,18 @@ class MiniGPT4(nn.Module):
             module.eval()
         return self
 
+    def vision_features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """The frozen towers' output, the input of llama_proj: [B, image tokens, feature width]."""
+        return compute_vision_features(self.visual_encoder, self.qformer, getattr(self, "ln_vision", None), images_BCHW)
+
     def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """Image → [B, num_query_tokens, llm_hidden] embeddings for the LLM."""
-        # The towers are frozen: no autograd graph, so no activations are kept for them.
-        with torch.no_grad():
-            dtype = next(self.visual_encoder.parameters()).dtype
-            image_tokens_BND = self.visual_encoder(images_BCHW.to(dtype))
-            if self.qformer is not None:
-                features_BQH = self.qformer(image_tokens_BND)
-            else:
-                patches_BND = self.ln_vision(image_tokens_BND)[:, 1:, :]
-                B, N, D = patches_BND.shape
-                features_BQH = patches_BND.reshape(B, N // PATCHES_PER_TOKEN, D * PATCHES_PER_TOKEN)
+        """Images [B,3,H,W] → [B, image tokens, llm_hidden] embeddings for the LLM.
+
+        Precomputed vision features [B, image tokens, feature width] (mgpt4-cache-features) skip
+        the frozen towers: the training transform is deterministic, so they are what the towers
+        would compute.
+        """
+        features_BQH = images_BCHW if images_BCHW.ndim == 3 else self.vision_features(images_BCHW)
         return self.llama_proj(features_BQH.to(self.llama_proj.weight.dtype))
 
     def embed_sequence(self, image_embeds_BQD: torch.Tensor, text: TextBatch) -> torch.Tensor:
@@ -112,6 +106,54 @@ class MiniGPT4(nn.Module):
         return self.loss_terms(images_BCHW, text).loss
 
 
+# --------------------------------------------------------------------------- the frozen vision towers
+
+def vision_feature_shape(visual_encoder: EvaViT, qformer: Optional[QFormer]) -> tuple[int, int]:
+    """(image tokens, feature width) that the towers hand to llama_proj."""
+    if qformer is not None:
+        return qformer.cfg.num_query_tokens, qformer.cfg.hidden_size
+    num_patches = visual_encoder.num_tokens - 1
+    if num_patches % PATCHES_PER_TOKEN:
+        raise ValueError(f"the Llama-2 variant needs a patch count divisible by {PATCHES_PER_TOKEN}, got {num_patches}")
+    return num_patches // PATCHES_PER_TOKEN, visual_encoder.cfg.embed_dim * PATCHES_PER_TOKEN
+
+
+def compute_vision_features(visual_encoder: EvaViT, qformer: Optional[QFormer], ln_vision: Optional[nn.LayerNorm],
+                            images_BCHW: torch.Tensor) -> torch.Tensor:
+    # The towers are frozen: no autograd graph, so no activations are kept for them.
+    with torch.no_grad():
+        dtype = next(visual_encoder.parameters()).dtype
+        image_tokens_BND = visual_encoder(images_BCHW.to(dtype))
+        if qformer is not None:
+            return qformer(image_tokens_BND)
+        patches_BND = ln_vision(image_tokens_BND)[:, 1:, :]
+        B, N, D = patches_BND.shape
+        return patches_BND.reshape(B, N // PATCHES_PER_TOKEN, D * PATCHES_PER_TOKEN)
+
+
+def build_vision_towers(cfg: ModelConfig, *, seed: int) -> tuple[EvaViT, Optional[QFormer], Optional[nn.LayerNorm]]:
+    """ViT + (Q-Former | ln_vision of the Llama-2 variant), weights loaded, seeded part by part."""
+    from mgpt4_dist.models import loading
+
+    torch.manual_seed(seed)
+    vit = EvaViT(cfg.vit)
+    torch.manual_seed(seed + 1)
+    qformer = QFormer(cfg.qformer, vision_width=cfg.vit.embed_dim, ln_vision_eps=cfg.ln_vision_eps) if cfg.has_qformer else None
+    ln_vision = None if cfg.has_qformer else nn.LayerNorm(cfg.vit.embed_dim, eps=cfg.ln_vision_eps)
+    if cfg.vit_checkpoint:
+        loading.load_vit_checkpoint(vit, cfg.vit_checkpoint)
+    if cfg.qformer_checkpoint:
+        if qformer is None:
+            raise ValueError("model.qformer_checkpoint is set but model.has_qformer=false (the Llama-2 variant has no Q-Former)")
+        loading.load_qformer_checkpoint(qformer, cfg.qformer_checkpoint)
+    if ln_vision is not None and cfg.proj_checkpoint:
+        loading.load_ln_vision_from_proj_checkpoint(ln_vision, cfg.proj_checkpoint)
+    for module in (vit, qformer, ln_vision):
+        if module is not None:  # frozen towers never train: no dropout
+            module.eval().requires_grad_(False)
+    return vit, qformer, ln_vision
+
+
 # --------------------------------------------------------------------------- building and freezing
 
 def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32,
@@ -123,22 +165,12 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
     """
     from mgpt4_dist.models import loading
 
-    torch.manual_seed(seed)
-    vit = EvaViT(cfg.vit)
-    torch.manual_seed(seed + 1)
-    qformer = QFormer(cfg.qformer, vision_width=cfg.vit.embed_dim, ln_vision_eps=cfg.ln_vision_eps) if cfg.has_qformer else None
+    vit, qformer, ln_vision = build_vision_towers(cfg, seed=seed)
     llm = load_llm(cfg.llm_path, dtype=dtype, attn_impl=choose_attn_impl(cfg.attn_impl, device_type))
     torch.manual_seed(seed + 2)
-    model = MiniGPT4(vit, qformer, llm, ln_vision_eps=cfg.ln_vision_eps)
-    if cfg.vit_checkpoint:
-        loading.load_vit_checkpoint(model.visual_encoder, cfg.vit_checkpoint)
-    if cfg.qformer_checkpoint:
-        if qformer is None:
-            raise ValueError("model.qformer_checkpoint is set but model.has_qformer=false (the Llama-2 variant has no Q-Former)")
-        loading.load_qformer_checkpoint(model.qformer, cfg.qformer_checkpoint)
+    model = MiniGPT4(vit, qformer, llm, ln_vision=ln_vision)
     if cfg.proj_checkpoint:
-        loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint,
-                                     ln_vision=model.ln_vision if qformer is None else None)
+        loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint)
     model.to(dtype)
     apply_freezing(model)
     return model
