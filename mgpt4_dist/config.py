@@ -151,6 +151,8 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = True
     progress: bool = True
+    # Peak FLOP/s of one device (e.g. 312e12 for A100 bf16) for `mfu`; 0 logs achieved FLOP/s only.
+    peak_flops: float = 0.0
 
 
 @dataclass

@@ -29,6 +29,7 @@ from mgpt4_dist.checkpoint import (find_resume_point, load_trainer_state, save_c
                                    step_tag)
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
+from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.metrics import MetricsLogger
 from mgpt4_dist.models.llm import load_tokenizer
 from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
@@ -60,6 +61,12 @@ def choose_instruction(prompts: List[str], seed: int, rank: int, step: int, micr
     if not prompts:
         return None
     return random.Random(f"{seed}:{rank}:{step}:{micro}").choice(prompts)
+
+
+def flops_metrics(flops_per_s: float, world: int, peak_flops: float) -> dict:
+    """Achieved model FLOP/s per device, and MFU against the configured peak (see mgpt4_dist/flops.py)."""
+    per_device = flops_per_s / world
+    return {"flops_per_s": per_device, "mfu": per_device / peak_flops if peak_flops > 0 else None}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -110,6 +117,7 @@ def train(cfg: JobConfig) -> dict:
     counts = audit_trainable(model)
     log.info("parameters: %d trainable (llama_proj), %d frozen", counts["trainable_params"], counts["frozen_params"])
     model.to(device)
+    flops_model = FlopsModel.from_model(model)
     tokenizer = load_tokenizer(cfg.model.llm_path)
     build_text = SequenceBuilder(tokenizer, model.num_image_tokens, cfg.data.max_txt_len, cfg.data.end_sym,
                                  cfg.model.max_context_len)
@@ -151,7 +159,7 @@ def train(cfg: JobConfig) -> dict:
 
     while step < last_step:
         step_start, step_lr = time.perf_counter(), engine.lr()
-        data_wait, losses, tokens, samples, micro, in_row = 0.0, [], 0, 0, 0, 0
+        data_wait, losses, tokens, samples, micro, in_row, step_flops = 0.0, [], 0, 0, 0, 0, 0.0
         while micro < accum:
             wait_start = time.perf_counter()
             batch = next(loader)
@@ -174,6 +182,8 @@ def train(cfg: JobConfig) -> dict:
             engine.step()
             losses.append(loss.item())
             tokens += text.num_scored_tokens
+            step_flops += flops_model.step(len(batch["answers"]), text.input_ids_BT.shape[1], text.num_scored_tokens,
+                                           cached_features=cfg.data.features)
             samples += len(batch["answers"])
             micro += 1
         step += 1
@@ -185,6 +195,7 @@ def train(cfg: JobConfig) -> dict:
                 "loss": last_loss, "lr": step_lr, "grad_norm": engine.grad_norm(),
                 "samples_per_s": dist.all_reduce_sum(samples) / step_time,
                 "tokens_per_s": dist.all_reduce_sum(tokens) / step_time,
+                **flops_metrics(dist.all_reduce_sum(step_flops) / step_time, world, cfg.logging.peak_flops),
                 "step_time_s": step_time, "data_wait_s": dist.all_reduce_max(data_wait),
                 "max_mem_bytes": int(dist.all_reduce_max(peak_memory_bytes(device))),
                 "skipped": int(dist.all_reduce_sum(loader.skipped)), "nonfinite_steps": nonfinite_steps,
