@@ -1,0 +1,77 @@
+"""Stage-1 data pipeline throughput vs the decode floor, and its scaling with DataLoader workers.
+
+    python tools/bench_data.py [--samples 2000] [--image-size 384] [--write]
+
+The floor is the bare work every sample needs: PIL decode + square bicubic resize to 224 + CLIP
+normalization of the same JPEGs in a loop, on one core. The pipeline adds tar reading, caption
+cleaning, batching and worker hand-off; per worker it should stay near the floor.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_md import machine_line, write_section  # noqa: E402
+
+from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
+from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards
+from mgpt4_dist.data.transforms import build_image_transform, decode_image
+
+
+def floor(jpegs: list, image_size: int) -> float:
+    transform = build_image_transform(image_size)
+    start = time.perf_counter()
+    for data in jpegs:
+        transform(decode_image(data))
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def pipeline(pattern: str, workers: int, batches: int, batch_size: int, image_size: int) -> float:
+    loader = build_batch_loader(resolve_sources([(pattern, 1.0)]), rank=0, world_size=1, num_workers=workers, seed=0,
+                                resample=True, batch_size=batch_size, image_size=image_size, clean_captions=True,
+                                max_caption_words=50)
+    next(loader)  # workers started, first batch in hand
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--image-size", type=int, default=384, help="side of the generated JPEGs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_shards(synthetic_samples(args.samples, seed=0, image_size=args.image_size), tmp,
+                              samples_per_shard=250, progress=False)
+        jpegs = [raw["jpg"] for raw in read_shard_samples(shards[0])]
+        floor_rate = floor(jpegs, 224)
+        rows = [f"| decode floor (1 core, no pipeline) | - | {floor_rate:.0f} | 100 % |"]
+        batches = max(4, args.samples // args.batch_size // 2)
+        for workers in args.workers:
+            rate = pipeline(os.path.join(tmp, "*.tar"), workers, batches, args.batch_size, 224)
+            per_worker = rate / max(workers, 1)
+            rows.append(f"| pipeline, {workers} DataLoader workers | {rate:.0f} | {per_worker:.0f} | "
+                        f"{100 * per_worker / floor_rate:.0f} % |")
+    command = f"python tools/bench_data.py --samples {args.samples} --image-size {args.image_size} --write"
+    body = (f"`{command}`\n\n{machine_line()}; {args.image_size}x{args.image_size} JPEGs resized to 224, "
+            f"batch {args.batch_size}.\n\n| what | samples/s | samples/s per worker | of the floor |\n"
+            "| --- | --- | --- | --- |\n" + "\n".join(rows))
+    print(body)
+    if args.write:
+        write_section("Data pipeline", body)
+
+
+if __name__ == "__main__":
+    main()

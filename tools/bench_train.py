@@ -1,0 +1,184 @@
+"""Training step throughput: an original-style step vs mgpt4_dist's, side by side in one run.
+
+    python tools/bench_train.py [--steps 15] [--nproc 2] [--variants zero2 zero2-features] [--write]
+
+(a) original-style: the original MiniGPT-4's step reproduced on the same modules and data:
+    plain DDP (find_unused_parameters=True) with the whole model on every rank, the LLM called
+    with an attention mask and labels so that logits for every position are materialised in
+    float and the loss is HF's, AdamW from torch. Autocast is off on CPU, as in the original.
+(b) mgpt4_dist: `mgpt4-train` with each engine variant (same model, data, batch, precision).
+Both run the same "small" model (bigger than tiny: ViT 256x4, Q-Former 256x2, LLaMA 512x4 with a
+32000-token vocabulary) on generated shards, under torchrun on gloo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")
+
+SMALL = ["model.vit.embed_dim=256", "model.vit.depth=4", "model.vit.num_heads=4", "model.qformer.hidden_size=256",
+         "model.qformer.num_layers=2", "model.qformer.num_heads=4", "model.qformer.intermediate_size=512"]
+
+VARIANTS = {
+    "zero0": ["parallel.zero_stage=0"],
+    "zero2": ["parallel.zero_stage=2"],
+    "zero3": ["parallel.zero_stage=3"],
+    "fsdp": ["parallel.backend=fsdp"],
+    "zero2-features": ["parallel.zero_stage=2", "data.features=true"],
+}
+
+
+def build_assets(root: str, samples: int) -> dict:
+    from mgpt4_dist.assets import build_tiny_llm, build_tiny_tokenizer
+    from mgpt4_dist.data.shards import synthetic_samples, write_shards
+
+    tok = build_tiny_tokenizer(os.path.join(root, "tok"))
+    llm = build_tiny_llm(os.path.join(root, "llm"), 32000, hidden_size=512, num_layers=4, num_heads=8,
+                         intermediate_size=1376)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(tok, name)):
+            with open(os.path.join(tok, name), "rb") as src, open(os.path.join(llm, name), "wb") as dst:
+                dst.write(src.read())
+    write_shards(synthetic_samples(samples, seed=0, image_size=256), os.path.join(root, "shards"),
+                 samples_per_shard=64, progress=False)
+    return {"llm": llm, "shards": os.path.join(root, "shards", "*.tar")}
+
+
+def torchrun(nproc: int, args: list, env: dict) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", str(nproc),
+           "--master-port", str(port)] + args
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+# --------------------------------------------------------------------------- (a) original-style worker
+
+def original_worker(overrides: list, steps: int, warmup: int, out: str) -> None:
+    import torch
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mgpt4_dist import dist
+    from mgpt4_dist.config import load_config, shard_sources
+    from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
+    from mgpt4_dist.models.llm import load_tokenizer
+    from mgpt4_dist.models.minigpt4 import build_minigpt4
+    from mgpt4_dist.models.sequence import SequenceBuilder
+
+    cfg = load_config(TINY, overrides)
+    info, device = dist.init_distributed()
+    model = build_minigpt4(cfg.model, seed=cfg.train.seed).to(device)
+
+    class OriginalStep(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images, text):
+            embeds = self.inner.embed_sequence(self.inner.encode_image(images), text)
+            return self.inner.llm(inputs_embeds=embeds, attention_mask=text.attention_mask_BT,
+                                  labels=text.labels_BT).loss
+
+    ddp = DistributedDataParallel(OriginalStep(model), find_unused_parameters=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
+    build = SequenceBuilder(load_tokenizer(cfg.model.llm_path), model.num_image_tokens, cfg.data.max_txt_len,
+                            cfg.data.end_sym)
+    loader = build_batch_loader(resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)]),
+                                rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
+                                seed=cfg.train.seed, resample=True, batch_size=cfg.train.micro_batch_size,
+                                image_size=cfg.model.vit.img_size, clean_captions=True, max_caption_words=50)
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        batch = next(loader)
+        loss = ddp(batch["images"].to(device), build(batch["answers"]).to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.llama_proj.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    rss = dist.all_reduce_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if info.rank == 0:
+        with open(out, "w") as f:
+            json.dump({"step_times": times[warmup:], "max_mem_bytes": rss}, f)
+    dist.cleanup()
+
+
+# --------------------------------------------------------------------------- driver
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--variants", nargs="+", default=["zero2", "zero2-features"], choices=sorted(VARIANTS))
+    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "original":
+        return original_worker(args.overrides, args.steps, args.warmup, args.out)
+
+    from bench_md import machine_line, write_section
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = build_assets(tmp, samples=64 * 4)
+        base = SMALL + [f"model.llm_path={assets['llm']}", f"data.shards=[{assets['shards']}]",
+                        f"train.micro_batch_size={args.micro_batch}", "data.num_workers=1", "train.precision=fp32"]
+        global_batch = args.micro_batch * args.nproc
+        rows = []
+        out = os.path.join(tmp, "original.json")
+        torchrun(args.nproc, [os.path.abspath(__file__), "--worker", "original", "--steps", str(args.steps),
+                              "--warmup", str(args.warmup), "--out", out, "--overrides", *base], env)
+        ref = json.load(open(out))
+        ref_rate = global_batch * len(ref["step_times"]) / sum(ref["step_times"])
+        rows.append(("original-style (DDP, full logits)", ref_rate, ref["max_mem_bytes"]))
+        for variant in args.variants:
+            extra = list(VARIANTS[variant])
+            if "data.features=true" in extra:
+                from mgpt4_dist.cache_features import cache_features
+                from mgpt4_dist.config import load_config
+
+                feats = os.path.join(tmp, "features")
+                if not os.path.isdir(feats):
+                    cache_features(load_config(TINY, base), feats, store_dtype="fp32", progress=False)
+                extra += [f"data.shards=[{feats}/*.tar]"]
+            run_dir = os.path.join(tmp, variant)
+            torchrun(args.nproc, ["-m", "mgpt4_dist.train", "--config", TINY, *base, *extra, f"run_dir={run_dir}",
+                                  f"train.max_steps={args.steps}", "train.log_every=1", "checkpoint.every_steps=100000",
+                                  "logging.tensorboard=false", "logging.progress=false"], env)
+            metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][args.warmup:]
+            rate = global_batch * len(metrics) / sum(m["step_time_s"] for m in metrics)
+            rows.append((f"mgpt4_dist {variant}", rate, max(m["max_mem_bytes"] for m in metrics)))
+    command = (f"python tools/bench_train.py --steps {args.steps} --nproc {args.nproc} --micro-batch {args.micro_batch} "
+               f"--variants {' '.join(args.variants)} --write")
+    lines = ["| step | samples/s | ratio to original-style | peak RSS per rank |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {rate:.1f} | {rate / ref_rate:.2f}x | {mem / 2**30:.2f} GiB |" for name, rate, mem in rows]
+    body = (f"`{command}`\n\n{machine_line()}; {args.nproc} processes (gloo), fp32, micro batch {args.micro_batch} "
+            f"per rank, small preset (ViT 256x4, Q-Former 256x2, LLaMA 512x4, vocab 32000), mean over steps "
+            f"{args.warmup + 1}..{args.steps}.\n\n" + "\n".join(lines))
+    print(body)
+    if args.write:
+        write_section("Training step vs the original", body)
+
+
+if __name__ == "__main__":
+    main()
