@@ -31,6 +31,7 @@ from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts,
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
 from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.metrics import MetricsLogger
+from mgpt4_dist.profiling import StepProfiler
 from mgpt4_dist.models.llm import load_tokenizer
 from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
 from mgpt4_dist.models.sequence import SequenceBuilder
@@ -98,7 +99,7 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def train(cfg: JobConfig) -> dict:
+def train(cfg: JobConfig, profile: bool = False) -> dict:
     info, device = dist.init_distributed(cfg.parallel.timeout_minutes)
     rank, world = info.rank, info.world_size
     setup_logging(rank)
@@ -157,6 +158,7 @@ def train(cfg: JobConfig) -> dict:
         trainer_state = {"data": loader.state_dict(), "nonfinite_steps": nonfinite_steps, "world_size": world}
         return save_checkpoint(engine, cfg, at_step, trainer_state, rank)
 
+    profiler = StepProfiler(cfg.run_dir, rank, enabled=profile)
     while step < last_step:
         step_start, step_lr = time.perf_counter(), engine.lr()
         data_wait, losses, tokens, samples, micro, in_row, step_flops = 0.0, [], 0, 0, 0, 0, 0.0
@@ -187,6 +189,7 @@ def train(cfg: JobConfig) -> dict:
             samples += len(batch["answers"])
             micro += 1
         step += 1
+        profiler.step()
         last_loss = dist.all_reduce_sum(sum(losses) / len(losses)) / world
 
         if step % cfg.train.log_every == 0 or step == last_step:
@@ -207,6 +210,7 @@ def train(cfg: JobConfig) -> dict:
             log.info("signal %s: checkpoint written at step %d, exiting for requeue", stop.received, step)
             break
 
+    profiler.stop()
     metrics.close()
     summary = {"step": step, "loss": last_loss, "checkpoint": ckpt_dir, "run_dir": cfg.run_dir,
                "preempted": stop.received is not None}
@@ -225,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see mgpt4_dist/configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, parsed by the key's declared type")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--profile", action="store_true",
+                   help="trace steps 3-5 with torch.profiler into RUN_DIR/profile/ (Chrome/Perfetto JSON per rank)")
     # The deepspeed launcher appends --local_rank; ranks are read from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -245,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     try:
-        train(cfg)
+        train(cfg, profile=args.profile)
     except (ConfigError, FileNotFoundError, TrainingAborted) as e:
         print(f"mgpt4-train: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingAborted) else 3

@@ -1,4 +1,5 @@
 """mgpt4-train as a user runs it: the quickstart script, --help, bad configs, a plain process."""
+import json
 import os
 import subprocess
 import sys
@@ -40,13 +41,13 @@ def test_shard_pattern_matching_nothing_fails_before_training(tiny_assets, tmp_p
 @pytest.mark.slow
 def test_single_process_without_launcher(tiny_assets, run_train, tmp_path):
     run_dir = str(tmp_path / "run")
-    proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=3",
-                      "train.log_every=1", "data.num_workers=0"], launcher="none")
-    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
-    assert "done: step 3/3" in proc.stdout
+    proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=6",
+                      "train.log_every=1", "data.num_workers=0", "--profile"], launcher="none")
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert "done: step 6/6" in proc.stdout
+    trace = json.load(open(os.path.join(run_dir, "profile", "trace_rank0.json")))
+    assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])  # a real profiler trace
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
-    import json
-
     ds = json.load(open(os.path.join(run_dir, "ds_config.json")))
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 2  # derived, no "auto"
     assert "auto" not in json.dumps(ds)
