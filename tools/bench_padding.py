@@ -1,0 +1,109 @@
+"""How much of a stage-1 step is padding, and whether length-grouped batching would pay.
+
+    python tools/bench_padding.py --shards 'data/laion/{00000..00009}.tar' --llm weights/vicuna-7b [--write]
+    python tools/bench_padding.py            # synthetic captions and the tiny tokenizer
+
+The original pads each batch to its longest answer (after the max_txt_len cut). The sequence is
+[BOS][32 image tokens][answer][padding], so padding only touches the LLM's share of the step;
+the FLOPs column weighs it with a Vicuna-7B-shaped step (ViT-g + Q-Former + 7B LLM, no weight
+gradients for frozen parts) from mgpt4_dist/flops.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards, _raw_caption
+from mgpt4_dist.data.text import blip_caption
+from mgpt4_dist.flops import FlopsModel
+
+VICUNA7B_STEP = FlopsModel(vit_tokens=257, vit_width=1408, vit_depth=39, vit_mlp=6144, patch_pixels=3 * 14 * 14,
+                           has_qformer=True, queries=32, q_hidden=768, q_layers=12, q_intermediate=3072,
+                           q_cross_layers=6, proj_in=768, llm_hidden=4096, llm_layers=32, llm_intermediate=11008,
+                           llm_kv_hidden=4096, vocab=32000)
+
+
+def batch_cost(lengths: list) -> tuple:
+    """(padded LLM tokens, total LLM tokens, FLOPs, FLOPs without padding) of one batch."""
+    width = max(lengths)
+    seq = 1 + 32 + width
+    padded = sum(width - n for n in lengths)
+    flops = VICUNA7B_STEP.step(len(lengths), seq, sum(lengths))
+    ideal = sum(VICUNA7B_STEP.step(1, 1 + 32 + n, n) for n in lengths)
+    return padded, seq * len(lengths), flops, ideal
+
+
+def measure(lengths: list, batch: int, grouped: bool, window: int = 64) -> tuple:
+    rng = random.Random(0)
+    order = lengths[:]
+    rng.shuffle(order)
+    if grouped:  # sort inside windows of `window` batches, then shuffle the batches
+        chunks = [sorted(order[i:i + window * batch]) for i in range(0, len(order), window * batch)]
+        order = [n for chunk in chunks for n in chunk]
+    batches = [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+    totals = [batch_cost(b) for b in batches]
+    padded, tokens, flops, ideal = (sum(t[i] for t in totals) for i in range(4))
+    return padded / tokens, 1 - ideal / flops
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shards", help="shard pattern with real captions (default: synthetic captions)")
+    p.add_argument("--llm", help="LLaMA folder for its tokenizer (default: the tiny tokenizer)")
+    p.add_argument("--max-txt-len", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--samples", type=int, default=20000)
+    p.add_argument("--write", action="store_true")
+    args = p.parse_args()
+    from mgpt4_dist.data.shards import expand_shard_pattern
+    from mgpt4_dist.models.llm import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.llm:
+            tok = load_tokenizer(args.llm)
+        else:
+            from mgpt4_dist.assets import build_tiny_tokenizer
+
+            tok = load_tokenizer(build_tiny_tokenizer(os.path.join(tmp, "tok")))
+        if args.shards:
+            captions = []
+            for shard in expand_shard_pattern(args.shards):
+                for raw in read_shard_samples(shard):
+                    try:
+                        captions.append(_raw_caption(raw, shard))
+                    except ValueError:
+                        continue
+                    if len(captions) >= args.samples:
+                        break
+            source = args.shards
+        else:
+            captions = [c for _, _, c in synthetic_samples(args.samples, seed=0, image_size=8)]
+            source = "synthetic captions (tools/bench_padding.py default)"
+    ids = tok([blip_caption(c) + "\n" for c in captions], add_special_tokens=False, truncation=True,
+              max_length=args.max_txt_len)["input_ids"]
+    lengths = [len(i) for i in ids]
+    rows = []
+    for grouped in (False, True):
+        pad_tokens, pad_flops = measure(lengths, args.batch, grouped)
+        rows.append(f"| {'length-grouped (windows of 64 batches)' if grouped else 'random (the original)'} | "
+                    f"{100 * pad_tokens:.1f} % | {100 * pad_flops:.2f} % |")
+    mean = sum(lengths) / len(lengths)
+    body = (f"`python tools/bench_padding.py{' --shards ' + repr(args.shards) if args.shards else ''} --write`\n\n"
+            f"{len(lengths)} captions from {source}; answer tokens mean {mean:.1f}, max {max(lengths)} "
+            f"(max_txt_len {args.max_txt_len}), batch {args.batch}.\n\n"
+            "| batching | padded share of LLM tokens | padded share of a Vicuna-7B step's FLOPs |\n| --- | --- | --- |\n"
+            + "\n".join(rows))
+    print(body)
+    if args.write:
+        from bench_md import write_section
+
+        write_section("Padding waste", body)
+
+
+if __name__ == "__main__":
+    main()
