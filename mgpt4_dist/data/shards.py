@@ -365,6 +365,16 @@ def _raw_caption(raw: Mapping[str, Any], where: str) -> str:
     return caption
 
 
+def _training_caption(raw: Mapping[str, Any], where: str, clean: bool, max_words: int) -> str:
+    """The caption as training uses it: raw, or BLIP-cleaned (stage 1); never empty."""
+    caption = _raw_caption(raw, where)
+    if clean:
+        caption = blip_caption(caption, max_words)
+        if not caption:
+            raise BadSampleError(f"{where}: caption is empty after cleaning")
+    return caption
+
+
 def decode_sample(raw: Mapping[str, Any], transform: Callable[[Image.Image], "torch.Tensor"], clean: bool,
                   max_words: int) -> Tuple["torch.Tensor", str]:
     """(image tensor, caption) of a raw sample from `read_shard_samples`.
@@ -378,11 +388,7 @@ def decode_sample(raw: Mapping[str, Any], transform: Callable[[Image.Image], "to
     if field is None:
         raise BadSampleError(f"{where}: no image (none of {', '.join(IMAGE_FIELDS)}; has {sorted(raw)})")
     # The caption is checked before the image: rejecting a sample should not cost a decode.
-    caption = _raw_caption(raw, where)
-    if clean:
-        caption = blip_caption(caption, max_words)
-        if not caption:
-            raise BadSampleError(f"{where}: caption is empty after cleaning")
+    caption = _training_caption(raw, where, clean, max_words)
     try:
         image = decode_image(raw[field])
     except BadSampleError as e:
@@ -416,11 +422,7 @@ def decode_feature_sample(raw: Mapping[str, Any], clean: bool, max_words: int) -
     if FEATURES_FIELD not in raw:
         raise BadSampleError(f"{where}: no cached features ({FEATURES_FIELD}); is data.features=true "
                              f"pointing at image shards? Run mgpt4-cache-features first")
-    caption = _raw_caption(raw, where)
-    if clean:
-        caption = blip_caption(caption, max_words)
-        if not caption:
-            raise BadSampleError(f"{where}: caption is empty after cleaning")
+    caption = _training_caption(raw, where, clean, max_words)
     try:
         array = np.load(io.BytesIO(raw[FEATURES_FIELD]), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
