@@ -153,3 +153,26 @@ def test_llama2_variant_groups_four_patch_tokens(assets, tmp_path):
     with pytest.raises(ValueError, match="has_qformer=false"):
         cfg.model.qformer_checkpoint = assets["qformer"]
         build_minigpt4(cfg.model, seed=0)
+
+
+def test_old_llm_folder_with_inv_freq_loads_and_missing_tensors_fail(assets, tmp_path):
+    """Folders saved by older transformers carry rotary_emb.inv_freq buffers: they must load; a
+    folder missing a tensor must fail instead of being silently re-initialised."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mgpt4_dist.models.llm import load_llm
+
+    state = load_file(os.path.join(assets["llm"], "model.safetensors"))
+    old = tmp_path / "old_llm"
+    shutil.copytree(assets["llm"], old)
+    os.remove(old / "model.safetensors")
+    with_buffers = {**state, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(2)}}
+    torch.save(with_buffers, old / "pytorch_model.bin")
+    llm = load_llm(str(old), torch.float32)
+    assert torch.equal(llm.model.layers[1].mlp.up_proj.weight, state["model.layers.1.mlp.up_proj.weight"])
+    del with_buffers["model.layers.1.mlp.up_proj.weight"]
+    torch.save(with_buffers, old / "pytorch_model.bin")
+    with pytest.raises(CheckpointMismatchError, match="missing 1 tensors.*up_proj"):
+        load_llm(str(old), torch.float32)
