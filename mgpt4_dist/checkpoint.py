@@ -7,6 +7,17 @@ file DeepSpeed's own tools (e.g. `zero_to_fp32.py`) read.
 
 Beside the engine's files each rank writes `trainer_state_rank{R}.pt` (step, data position, RNG
 states): small, weights-only-loadable types only.
+
+Resuming (`load_checkpoint`):
+- same backend, ZeRO stage and world size: the engine's own loader, each rank's trainer state and
+  RNG states as saved: the run continues bit for bit;
+- another world size or ZeRO stage: the checkpoint is resharded. The full fp32 master weights and
+  Adam moments are read tensor by tensor (`mgpt4_dist.consolidate`) and written into the new
+  engine's partitions, with the Adam step, lr scheduler and step counter; the result is read back
+  and compared before training. The data position is rescaled (`rescale_data_state`) and ranks
+  without a saved RNG state get one derived from (seed, step, rank).
+Before either, the trainable tensor shapes are compared with the configured model, so a checkpoint
+for another LLM width or variant fails with a clear message before training.
 """
 from __future__ import annotations
 
@@ -77,6 +88,7 @@ def save_checkpoint(engine, cfg: JobConfig, step: int, trainer_state: dict, rank
         shutil.rmtree(os.path.join(root, tmp_tag), ignore_errors=True)
     dist.barrier()
     engine.save(root, tmp_tag)
+    _test_pause(step)
     tmp = os.path.join(root, tmp_tag)
     os.makedirs(tmp, exist_ok=True)
     state = {**trainer_state, "step": step, "rng": rng_state()}
@@ -96,6 +108,17 @@ def save_checkpoint(engine, cfg: JobConfig, step: int, trainer_state: dict, rank
     return final
 
 
+def _test_pause(step: int) -> None:
+    """Test hook: MGPT4_TEST_SAVE_PAUSE=STEP:SECONDS sleeps between the engine's save and the rename,
+    so a test can kill -9 the job while a checkpoint is half written."""
+    spec = os.environ.get("MGPT4_TEST_SAVE_PAUSE", "")
+    if spec and int(spec.split(":")[0]) == step:
+        import time
+
+        print(f"MGPT4_TEST_SAVE_PAUSE: pausing in save of step {step}", flush=True)
+        time.sleep(float(spec.split(":")[1]))
+
+
 def _write_latest(root: str, tag: str) -> None:
     tmp = os.path.join(root, ".latest.tmp")
     with open(tmp, "w") as f:
@@ -110,6 +133,11 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def _prune(root: str, keep_last: int) -> None:
+    """After a checkpoint is complete: drop old ones beyond keep_last, and temp folders that a
+    killed save left behind (never the one being written: saves are collective and sequential)."""
+    for name in os.listdir(root):
+        if name.startswith(".tmp-step_"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if keep_last <= 0:
         return
     for name in list_checkpoints(root)[:-keep_last]:
@@ -158,6 +186,165 @@ def find_resume_point(cfg: JobConfig) -> Optional[ResumePoint]:
 def load_trainer_state(point: ResumePoint, rank: int) -> dict:
     path = os.path.join(point.path, f"trainer_state_rank{rank}.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the checkpoint was written by fewer ranks "
-                                f"(resuming on another world size is not supported yet)")
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint_meta(point: ResumePoint) -> dict:
+    path = os.path.join(point.path, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{point.path}: no meta.json; not a complete mgpt4-train checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+def saved_world_size(point: ResumePoint) -> int:
+    meta = read_checkpoint_meta(point)
+    if meta.get("world_size"):
+        return int(meta["world_size"])
+    return len([n for n in os.listdir(point.path) if re.match(r"^trainer_state_rank\d+\.pt$", n)])
+
+
+def check_model_fits(point: ResumePoint, model: torch.nn.Module) -> None:
+    """Fail before training when the checkpoint's trainable tensors do not fit the configured model."""
+    from mgpt4_dist.consolidate import read_checkpoint
+
+    saved = read_checkpoint(point.path).shapes()
+    # ZeRO-3 leaves partitioned (empty) parameters in the module; ds_shape is the full shape.
+    wanted = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
+    problems = [f"missing {sorted(set(wanted) - set(saved))}"] if set(wanted) - set(saved) else []
+    if set(saved) - set(wanted):
+        problems.append(f"unexpected {sorted(set(saved) - set(wanted))}")
+    for name in sorted(set(saved) & set(wanted)):
+        got, want = tuple(saved[name]), wanted[name]
+        if got != want:
+            hint = ""
+            if name == "llama_proj.weight" and got[0] != want[0]:
+                hint = (f": this checkpoint is for an LLM of hidden size {got[0]}, the config has {want[0]} "
+                        f"(model.llm_path)")
+            elif name == "llama_proj.weight":
+                hint = (": the checkpoint was made for another visual feature width "
+                        "(Q-Former vs the Llama-2 variant, model.has_qformer / model.qformer.hidden_size)")
+            problems.append(f"{name} has shape {list(got)} but the model expects {list(want)}{hint}")
+    if problems:
+        raise CheckpointMismatch(f"{point.path} does not fit the configured model: " + "; ".join(problems))
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint made for another model."""
+
+
+def load_checkpoint(engine, point: ResumePoint, cfg: JobConfig, rank: int, world_size: int) -> dict:
+    """Restore engine + trainer state from `point`; returns this rank's trainer state (data, step, rng).
+
+    Collective. See the module docstring for the same-layout and resharded paths.
+    """
+    from mgpt4_dist.data.pipeline import rescale_data_state
+
+    meta = read_checkpoint_meta(point)
+    if meta.get("backend", "deepspeed") == "deepspeed":  # FSDP (DCP) checkpoints: checked by the engine's load
+        check_model_fits(point, engine.module)
+    old_world = saved_world_size(point)
+    same_layout = (old_world == world_size and meta.get("backend", "deepspeed") == cfg.parallel.backend
+                   and int(meta.get("zero_stage", cfg.parallel.zero_stage)) == cfg.parallel.zero_stage)
+    if same_layout:
+        engine.load(point.root, point.tag)
+        state = load_trainer_state(point, rank)
+        if state["data"].get("num_workers", max(1, cfg.data.num_workers)) != max(1, cfg.data.num_workers):
+            olds = [load_trainer_state(point, r)["data"] for r in range(old_world)]
+            state["data"] = rescale_data_state(olds, rank, world_size, cfg.data.num_workers, cfg.data.resample)
+        return state
+    log.info("resharding %s: written by %d ranks (%s ZeRO-%s), resuming on %d ranks (%s ZeRO-%d)", point.path,
+             old_world, meta.get("backend"), meta.get("zero_stage"), world_size, cfg.parallel.backend,
+             cfg.parallel.zero_stage)
+    load_resharded(engine, point)
+    olds = [load_trainer_state(point, r) for r in range(old_world)]
+    step = int(olds[0]["step"])
+    state = {"step": step, "nonfinite_steps": olds[0].get("nonfinite_steps", 0),
+             "data": rescale_data_state([o["data"] for o in olds], rank, world_size, cfg.data.num_workers,
+                                        cfg.data.resample)}
+    if rank < old_world:
+        state["rng"] = olds[rank]["rng"]
+    else:  # a rank the old run did not have: a fresh stream, still a pure function of the run
+        seed = cfg.train.seed * 1_000_003 + step * 1009 + rank
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        state["rng"] = rng_state()
+    return state
+
+
+def load_resharded(engine, point: ResumePoint) -> None:
+    """Write a checkpoint's full fp32 weights + Adam moments into an engine of another layout.
+
+    DeepSpeed (any ZeRO stage): through its tensor-fragment API (`safe_set_full_fp32_param`,
+    `safe_set_full_optimizer_state`), which maps a full tensor onto this rank's partition.
+    """
+    if not hasattr(engine, "engine"):
+        raise NotImplementedError(f"resharded resume into {type(engine).__name__} is not supported yet")
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+    from mgpt4_dist.consolidate import MOMENTS, read_checkpoint
+
+    reader = read_checkpoint(point.path)
+    ds = engine.engine
+    adam_step = reader.optimizer_step()
+    base = ds.optimizer.optimizer  # the torch AdamW over this rank's fp32 partitions
+    # Adam creates its state lazily: create it to fill it. ZeRO-3 swaps its flat fp32 partitions
+    # into the param groups only during a step, so they are listed separately.
+    flat_params = list(getattr(ds.optimizer, "fp32_partitioned_groups_flat", None) or
+                       [p for group in base.param_groups for p in group["params"]])
+    for p in flat_params:
+        if True:
+            st = base.state[p]
+            st.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            st.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+            st["step"] = torch.tensor(float(adam_step or 0))
+    if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the state just made
+        ds.optimizer._hp_optimizer_states_linked = False
+        ds.optimizer._lazy_init_hp_params_optimizer_state()
+    params = dict(engine.module.named_parameters())
+    weights = reader.tensors("fp32")
+    moments = {kind: reader.tensors(kind) for kind in MOMENTS}
+    for name, value in weights.items():
+        safe_set_full_fp32_param(params[name], value)
+        for kind in MOMENTS:
+            safe_set_full_optimizer_state(params[name], moments[kind][name], kind)
+    # The bit16 / module copy of the weights follows the fp32 master.
+    for name, value in weights.items():
+        p = params[name]
+        if hasattr(p, "ds_id"):  # ZeRO-3: gather, set on every rank, re-partition (collective)
+            from deepspeed.runtime.zero import GatheredParameters
+
+            with GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(value.to(p.dtype))
+        else:
+            p.data.copy_(value.to(p.dtype))
+    if reader.lr_scheduler is not None and ds.lr_scheduler is not None:
+        ds.lr_scheduler.load_state_dict(reader.lr_scheduler)
+        for group, lr in zip(base.param_groups, ds.lr_scheduler.get_last_lr()):
+            group["lr"] = lr  # a normal resume gets it from the optimizer's saved param groups
+    model_state = _ds_model_state(point.path)
+    ds.global_steps = int(model_state.get("global_steps", 0))
+    ds.global_samples = int(model_state.get("global_samples", 0))
+    ds.skipped_steps = int(model_state.get("skipped_steps", 0))
+    # Read back: the new partitions must hold exactly the saved tensors.
+    for name, value in weights.items():
+        got = safe_get_full_fp32_param(params[name])
+        if got is None or not torch.equal(got.cpu().float(), value):
+            raise RuntimeError(f"resharded resume: {name} did not round-trip into the engine")
+        for kind in MOMENTS:
+            got = safe_get_full_optimizer_state(params[name], kind)
+            if got is None or not torch.equal(got.cpu().float(), moments[kind][name]):
+                raise RuntimeError(f"resharded resume: {kind} of {name} did not round-trip into the engine")
+    log.info("resharded resume: %d tensors, their Adam moments (step %s) and the lr schedule restored and verified",
+             len(weights), adam_step)
+
+
+def _ds_model_state(step_dir: str) -> dict:
+    import glob
+
+    path = sorted(glob.glob(os.path.join(step_dir, "*mp_rank_00_model_states.pt")))[0]
+    # Our own DeepSpeed output, read as DeepSpeed reads it.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)

@@ -56,6 +56,19 @@ def world_info_from_env() -> WorldInfo:
     return WorldInfo(0, 0, 1, "none")
 
 
+def slurm_master_port(job_id) -> int:
+    """A rendezvous port every rank of a job derives alike, different for jobs that share a node.
+
+    The same job id after a requeue gives the same port, which is fine: the old tasks are gone.
+    """
+    return 20000 + int(job_id or 0) % 20000
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on (SLURMD_NODENAME), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,6 +92,8 @@ def init_distributed(timeout_minutes: float = 10.0) -> tuple[WorldInfo, torch.de
     os.environ["LOCAL_RANK"] = str(info.local_rank)
     if info.launcher == "slurm" and "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    if info.launcher == "slurm" and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(slurm_master_port(os.environ.get("SLURM_JOB_ID")))
     if info.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -131,3 +146,16 @@ def all_gather_object(obj):
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Messages of the errors gloo/NCCL raise when a peer process dies or a collective times out
+# (older torch raises plain RuntimeError rather than DistBackendError for some of them).
+_COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "timed out",
+                               "broken pipe", "peer", "socket")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(m in text for m in _COLLECTIVE_FAILURE_MARKERS)

@@ -21,7 +21,7 @@ TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm
            "samples_per_s": "perf/samples_per_s", "tokens_per_s": "perf/tokens_per_s",
            "step_time_s": "perf/step_time_s", "data_wait_s": "perf/data_wait_s",
            "max_mem_bytes": "perf/max_mem_bytes", "skipped": "data/skipped",
-           "nonfinite_steps": "train/nonfinite_steps", "mfu": "perf/mfu", "flops_per_s": "perf/flops_per_s"}
+           "nonfinite_steps": "train/nonfinite_steps", "mfu": "perf/mfu", "fp16_skipped_steps": "train/fp16_skipped_steps", "flops_per_s": "perf/flops_per_s"}
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -24,9 +24,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from mgpt4_dist import dist
-from mgpt4_dist.checkpoint import (find_resume_point, load_trainer_state, save_checkpoint, set_rng_state,
-                                   step_tag)
+from mgpt4_dist import dist, envreport
+from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_checkpoint, save_checkpoint,
+                                   set_rng_state, step_tag)
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
 from mgpt4_dist.flops import FlopsModel
@@ -101,6 +101,7 @@ def setup_logging(rank: int) -> None:
 
 def train(cfg: JobConfig, profile: bool = False) -> dict:
     info, device = dist.init_distributed(cfg.parallel.timeout_minutes)
+    envreport.report_environment(info, device)
     rank, world = info.rank, info.world_size
     setup_logging(rank)
     accum = resolve_grad_accum(cfg, world)
@@ -136,8 +137,7 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
     step, nonfinite_steps, data_start = 0, 0, None
     point = find_resume_point(cfg)
     if point is not None:
-        engine.load(point.root, point.tag)
-        state = load_trainer_state(point, rank)
+        state = load_checkpoint(engine, point, cfg, rank, world)
         step, nonfinite_steps, data_start = state["step"], state.get("nonfinite_steps", 0), state["data"]
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", point.path, step)
@@ -202,6 +202,7 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
                 "step_time_s": step_time, "data_wait_s": dist.all_reduce_max(data_wait),
                 "max_mem_bytes": int(dist.all_reduce_max(peak_memory_bytes(device))),
                 "skipped": int(dist.all_reduce_sum(loader.skipped)), "nonfinite_steps": nonfinite_steps,
+                "fp16_skipped_steps": engine.skipped_steps(),
             })
         preempted = stop.agreed()
         if step % cfg.checkpoint.every_steps == 0 or step == last_step or preempted:
@@ -252,9 +253,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         train(cfg, profile=args.profile)
-    except (ConfigError, FileNotFoundError, TrainingAborted) as e:
+    except (ConfigError, FileNotFoundError, TrainingAborted, CheckpointMismatch) as e:
         print(f"mgpt4-train: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingAborted) else 3
+    except (torch.distributed.DistError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not dist.is_collective_failure(e):
+            raise
+        # A peer died or hung past parallel.timeout_minutes. Exit at once, skipping the process
+        # group teardown (it can block on the dead peer); the launcher (srun --kill-on-bad-exit,
+        # torchrun, deepspeed) then stops the other ranks.
+        print(f"mgpt4-train: error: rank {os.environ.get('RANK', '?')} on {dist.node_name()}: a collective "
+              f"failed, a peer rank probably died or hung (timeout parallel.timeout_minutes="
+              f"{cfg.parallel.timeout_minutes}): {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(4)
     finally:
         dist.cleanup()
     return 0

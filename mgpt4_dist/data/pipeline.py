@@ -183,6 +183,44 @@ class BatchLoader:
                 "num_workers": self.stream.num_workers, "world_size": self.stream.world_size}
 
 
+def rescale_data_state(old_states: List[dict], rank: int, world_size: int, num_workers: int,
+                       resample: bool) -> dict:
+    """The data position of `rank` when resuming with another world size or data.num_workers.
+
+    Streams are numbered rank x workers + worker, so a new layout maps new stream ids onto
+    content other streams already read; carrying positions over by id would replay data. Instead
+    every new stream starts from a fresh, deterministic position derived from what the old run
+    consumed (all old ranks' positions, so every new rank computes the same answer):
+
+    - data.resample=true: a stream's shard picks are a pure function of (seed, stream, pick
+      index). Every new stream starts at pick index 1 + the largest pick index any old stream had
+      reached, offset 0: no (stream, pick) pair is read twice, so nothing is replayed. The unread
+      rest of the shard each old stream was in is left behind (at most one shard per old stream;
+      with resampling every shard can be drawn again later, so no sample is lost for good).
+    - data.resample=false (passes over the shards): the split of a pass depends on the number of
+      streams, so the new streams start the next pass (1 + the latest pass any old stream was
+      in); the rest of the interrupted pass is skipped and a warning says so.
+
+    Bad-sample counts are summed into the new stream 0 of rank 0, so `skipped` stays cumulative.
+    """
+    workers = max(1, num_workers)
+    positions = [p for s in old_states for p in s.get("positions", {}).values()]
+    skipped = sum(p.get("skipped", 0) for p in positions)
+    if resample:
+        start = {"epoch": 0, "index": 1 + max((p["index"] for p in positions), default=-1), "offset": 0}
+    else:
+        epoch = 1 + max((p["epoch"] for p in positions), default=-1)
+        start = {"epoch": epoch, "index": 0, "offset": 0}
+        if positions:
+            log.warning("data.resample=false and the stream layout changed: streams restart at pass %d; "
+                        "the rest of the interrupted pass is skipped", epoch)
+    new = {}
+    for role in range(workers):
+        stream = rank * workers + role
+        new[str(stream)] = {**start, "skipped": skipped if stream == 0 else 0}
+    return {"positions": new, "batches": 0, "num_workers": workers, "world_size": world_size}
+
+
 def build_batch_loader(sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
                        resample: bool, batch_size: int, image_size: int, clean_captions: bool,
                        max_caption_words: int, start: Optional[dict] = None,

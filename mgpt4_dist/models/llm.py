@@ -99,3 +99,22 @@ def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa") -> Llam
             + (f" mis-shaped {mismatched[:3]}" if mismatched else ""))
     log.info("loaded LLM %s (%s, attention=%s)", llm_path, dtype, attn_impl)
     return llm
+
+
+def apply_activation_checkpointing(llm) -> int:
+    """Recompute each decoder layer in backward instead of keeping its activations.
+
+    Wraps each layer's forward (non-reentrant `torch.utils.checkpoint`) rather than the module, so
+    parameter names stay as in the weight files. HF's own `gradient_checkpointing_enable` is not
+    used: it only acts in train mode, and the frozen LLM stays in eval mode.
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    layers = llm.model.layers
+    for layer in layers:
+        inner = layer.forward
+        layer.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+    log.info("activation checkpointing: %d LLM decoder layers", len(layers))
+    return len(layers)

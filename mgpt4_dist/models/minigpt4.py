@@ -173,6 +173,9 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
         loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint)
     model.to(dtype)
     apply_freezing(model)
+    log.info("attention: LLM %s, ViT %s, Q-Former %s", llm.config._attn_implementation,
+             "sdpa" if getattr(vit.eva.blocks[0].attn, "fused_attn", False) else "eager",
+             qformer.bert.config._attn_implementation if qformer is not None else "-")
     return model
 
 

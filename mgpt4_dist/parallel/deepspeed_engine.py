@@ -50,13 +50,27 @@ def derive_ds_config(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> 
     return ds
 
 
+def build_offload_optimizer(model: nn.Module, cfg: JobConfig):
+    """AdamW on the CPU for offloaded optimizer state: DeepSpeed's vectorised CPU Adam (it refuses
+    torch optimizers with offload). Same groups, betas, eps and decoupled weight decay as
+    `build_optimizer`. Its C++ op is JIT-compiled once (~1 min, cached in ~/.cache/torch_extensions)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from mgpt4_dist.optim import param_groups
+
+    groups = [g for g in param_groups(model, cfg.optim.weight_decay) if g["params"]]
+    return DeepSpeedCPUAdam(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            adamw_mode=True)
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_steps: int):
         import deepspeed
 
         self.cfg = cfg
         self.ds_config = derive_ds_config(cfg, world_size, grad_accum_steps)
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_offload_optimizer(model, cfg) if cfg.parallel.offload != "none" else \
+            build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
@@ -80,6 +94,17 @@ class DeepSpeedEngine(Engine):
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def skipped_steps(self) -> int:
+        return int(getattr(self.engine, "skipped_steps", 0))
+
+    def param_bytes(self) -> int:
+        # ZeRO-3 leaves an empty placeholder in `param.data`; the rank's partition is `ds_tensor`.
+        total = 0
+        for p in self.module.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            total += local.numel() * local.element_size()
+        return total
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

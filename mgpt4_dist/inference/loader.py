@@ -1,0 +1,169 @@
+"""`load_model`: a consolidated folder (mgpt4-consolidate) → MiniGPT4 + tokenizer for inference.
+
+The folder holds the trained projection (`model.safetensors`) and the run's model config; the
+frozen towers and the LLM come from the weight paths in that config (override them when the
+folder moved to another machine), or from the folder itself when it was written with `--full`.
+No DeepSpeed, no process group.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from mgpt4_dist.config import JobConfig, config_from_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: "torch.nn.Module"  # MiniGPT4, eval mode
+    tokenizer: object
+    cfg: JobConfig
+    conversation: str  # vicuna0 | llama2
+    device: torch.device
+
+
+def read_consolidated_config(path: str) -> tuple[JobConfig, dict]:
+    import yaml
+
+    conf_json = os.path.join(path, "config.json")
+    conf_yaml = os.path.join(path, "config.yaml")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such model folder (write one with mgpt4-consolidate)")
+    if not (os.path.isfile(conf_json) and os.path.isfile(conf_yaml)):
+        raise FileNotFoundError(f"{path}: config.json/config.yaml missing; is this an mgpt4-consolidate output folder?")
+    with open(conf_json) as f:
+        info = json.load(f)
+    with open(conf_yaml) as f:
+        cfg = config_from_dict(yaml.safe_load(f))
+    return cfg, info
+
+
+def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def check_quantization(quantization: Optional[str], device: torch.device) -> None:
+    """8-bit/4-bit LLM weights need bitsandbytes and a CUDA device; refuse anything else up front."""
+    if quantization in (None, "", "none"):
+        return
+    if quantization not in ("8bit", "4bit"):
+        raise ValueError(f"quantization {quantization!r}: use 8bit, 4bit or none")
+    if device.type != "cuda":
+        raise ValueError(f"{quantization} LLM weights need a CUDA device (bitsandbytes); this is {device}. "
+                         f"Drop the quantization option to run in fp32/bf16 on {device.type}")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{quantization} LLM weights need bitsandbytes: pip install bitsandbytes")
+
+
+def _load_llm(cfg: JobConfig, dtype: torch.dtype, device: torch.device, quantization: Optional[str]):
+    from mgpt4_dist.models.llm import choose_attn_impl, load_llm
+
+    attn = choose_attn_impl(cfg.model.attn_impl, device.type)
+    if quantization in (None, "", "none"):
+        return load_llm(cfg.model.llm_path, dtype=dtype, attn_impl=attn)
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    quant = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit"
+             else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
+    return LlamaForCausalLM.from_pretrained(cfg.model.llm_path, dtype=dtype, quantization_config=quant,
+                                            device_map={"": device.index or 0}, attn_implementation=attn)
+
+
+def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Union[None, str, torch.dtype] = None,
+               quantization: Optional[str] = None, llm_path: Optional[str] = None,
+               vit_checkpoint: Optional[str] = None, qformer_checkpoint: Optional[str] = None) -> LoadedModel:
+    """Build MiniGPT-4 for inference from a consolidated folder.
+
+    device: "cpu", "cuda", "cuda:1", ...; dtype: default fp16 on CUDA, fp32 on CPU.
+    quantization: None | "8bit" | "4bit" (LLM only; bitsandbytes on CUDA, refused otherwise).
+    llm_path / vit_checkpoint / qformer_checkpoint override the frozen weight paths of the config.
+    """
+    from mgpt4_dist.models.llm import load_tokenizer
+    from mgpt4_dist.models.loading import load_proj_checkpoint
+    from mgpt4_dist.models.minigpt4 import MiniGPT4, build_vision_towers
+
+    device = torch.device(device)
+    dtype = _resolve_dtype(dtype, device)
+    check_quantization(quantization, device)
+    cfg, info = read_consolidated_config(path)
+    full = bool(info.get("full"))
+    if full:
+        cfg.model.llm_path = os.path.join(path, "llm")
+        cfg.model.vit_checkpoint = cfg.model.qformer_checkpoint = ""
+    for name, value in (("llm_path", llm_path), ("vit_checkpoint", vit_checkpoint),
+                        ("qformer_checkpoint", qformer_checkpoint)):
+        if value:
+            setattr(cfg.model, name, value)
+    cfg.model.proj_checkpoint = ""
+    for name in ("llm_path", "vit_checkpoint", "qformer_checkpoint"):
+        value = getattr(cfg.model, name)
+        if value and not full and not os.path.exists(value):
+            raise FileNotFoundError(f"{path}/config.yaml: model.{name}={value} does not exist here; pass "
+                                    f"{name}=... (mgpt4-chat --{name.replace('_', '-')}) to point at the frozen weights")
+    vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed)
+    if full:
+        llm = _llm_skeleton(cfg, dtype)
+    else:
+        llm = _load_llm(cfg, dtype, device, quantization)
+    model = MiniGPT4(vit, qformer, llm, ln_vision=ln_vision)
+    if full:
+        _load_full_weights(model, path)
+    else:
+        load_proj_checkpoint(model.llama_proj, os.path.join(path, "model.safetensors"))
+    if quantization in (None, "", "none"):
+        model.to(device=device, dtype=dtype)
+    else:  # the quantized LLM is placed already; move the rest
+        for module in (model.visual_encoder, model.qformer, getattr(model, "ln_vision", None), model.llama_proj):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    tokenizer = load_tokenizer(cfg.model.llm_path)
+    return LoadedModel(model, tokenizer, cfg, info.get("conversation", "vicuna0"), device)
+
+
+def _llm_skeleton(cfg: JobConfig, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mgpt4_dist.models.llm import choose_attn_impl
+
+    config = LlamaConfig.from_pretrained(cfg.model.llm_path)
+    config._attn_implementation = choose_attn_impl(cfg.model.attn_impl, "cpu")
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def _load_full_weights(model: torch.nn.Module, path: str) -> None:
+    """Every tensor from the sharded safetensors of a `--full` folder, strictly by name."""
+    from safetensors import safe_open
+
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weight_map and not k.endswith("inv_freq")]
+    if missing:
+        raise ValueError(f"{path}: the full checkpoint lacks {len(missing)} tensors (e.g. {missing[:3]})")
+    by_file = {}
+    for key, file in weight_map.items():
+        by_file.setdefault(file, []).append(key)
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            with safe_open(os.path.join(path, file), framework="pt") as f:
+                for key in keys:
+                    if key in expected:
+                        expected[key].copy_(f.get_tensor(key))

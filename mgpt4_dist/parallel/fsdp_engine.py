@@ -1,0 +1,219 @@
+"""FSDP2 backend: `fully_shard` per transformer block, frozen weights sharded, llama_proj trains.
+
+Sharding units (each one all-gathers its weights just before use and frees them after):
+every ViT block, every Q-Former layer, every LLM decoder layer, `llama_proj` on its own (it keeps
+fp32 master weights while the frozen towers may be bf16/fp16, and FSDP2 wants one dtype per unit),
+and the root for what is left (patch embedding, query tokens, token embeddings, final norm,
+lm_head). `MixedPrecisionPolicy` computes in the training precision and reduces gradients in
+fp32. The optimizer, lr schedule, gradient clipping and accumulation semantics match the
+DeepSpeed engine: the loss is divided by the accumulation steps, gradients are averaged over
+ranks, clipped by their global norm, and fp16 uses a dynamic loss scale whose overflow steps are
+skipped (no optimizer or schedule step) and counted.
+
+Checkpoints: `torch.distributed.checkpoint` of llama_proj + AdamW state into `ckpt_root/tag/`
+(frozen weights excluded), plus `engine_state.pt` (schedule, loss scale, counters) from rank 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from mgpt4_dist.config import JobConfig
+from mgpt4_dist.optim import build_optimizer, build_scheduler
+from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
+
+log = logging.getLogger(__name__)
+
+
+class DynamicLossScaler:
+    """fp16 loss scale: halve on overflow (the step is skipped), double after `window` good steps.
+
+    The constants are DeepSpeed's (initial 2**16, window 1000, min 1), so both engines scale alike.
+    """
+
+    def __init__(self, init_scale: float = 2.0 ** 16, window: int = 1000, min_scale: float = 1.0):
+        self.scale, self.window, self.min_scale, self.good_steps = init_scale, window, min_scale, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale = max(self.scale / 2.0, self.min_scale)
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.window == 0:
+                self.scale *= 2.0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks that become FSDP units, innermost first."""
+    units = list(model.visual_encoder.eva.blocks)
+    if getattr(model, "qformer", None) is not None:
+        units += list(model.qformer.bert.encoder.layer)
+    units += list(model.llm.model.layers)
+    return units
+
+
+def apply_fsdp(model: nn.Module, precision: str, device_type: str, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (world_size,))
+    compute = PRECISION_DTYPES[precision]
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    # Master weights of what trains stay fp32; the frozen rest keeps the dtype the builder gave it.
+    model.llama_proj.float()
+    for unit in sharding_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model.llama_proj, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+class FSDPEngine(Engine):
+    def __init__(self, cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_steps: int):
+        self.cfg = cfg
+        self.accum = grad_accum_steps
+        device_type = next(model.parameters()).device.type
+        apply_fsdp(model, cfg.train.precision, device_type, world_size)
+        self.module = model
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.scaler = DynamicLossScaler() if cfg.train.precision == "fp16" else None
+        self.micro = 0
+        self.global_steps = 0
+        self._skipped = 0
+        self._grad_norm: Optional[float] = None
+        self._set_sync(self.accum == 1)
+
+    def _set_sync(self, sync: bool) -> None:
+        # no_sync equivalent: gradients of non-final micro-batches stay local and accumulate.
+        self.module.set_requires_gradient_sync(sync)
+
+    def forward(self, images: torch.Tensor, text) -> torch.Tensor:
+        return self.module(images, text)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss.float() / self.accum
+        if self.scaler is not None:
+            loss = loss * self.scaler.scale
+        loss.backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accum:
+            self._set_sync(self.micro % self.accum == self.accum - 1)
+            return
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if self.scaler is not None:
+            for g in grads:
+                g.mul_(1.0 / self.scaler.scale)
+        total = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)
+        total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        norm = float(total)
+        overflow = not torch.isfinite(total).item()
+        if self.scaler is not None:
+            self.scaler.update(overflow)
+        if overflow and self.scaler is not None:
+            self._skipped += 1
+            self._grad_norm = None
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            self._grad_norm = norm
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+        self._set_sync(self.accum == 1)
+
+    def grad_norm(self) -> Optional[float]:
+        return self._grad_norm
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def skipped_steps(self) -> int:
+        return self._skipped
+
+    def param_bytes(self) -> int:
+        total = 0
+        for p in self.module.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+        return total
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _states(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(ignore_frozen_params=True)
+        return get_state_dict(self.module, self.optimizer, options=opts), opts
+
+    def _extra_state(self) -> dict:
+        # The schedule's config object stays out so the file loads with weights_only=True; it is rebuilt
+        # from the run config anyway.
+        schedule = {k: v for k, v in self.scheduler.state_dict().items() if k != "cfg"}
+        return {"scheduler": schedule, "scaler": self.scaler.state_dict() if self.scaler else None,
+                "global_steps": self.global_steps, "skipped_steps": self._skipped, "micro": self.micro}
+
+    def save(self, ckpt_root: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.join(ckpt_root, tag)
+        (model_sd, optim_sd), _ = self._states()
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        if not tdist.is_initialized() or tdist.get_rank() == 0:
+            torch.save(self._extra_state(), os.path.join(path, "engine_state.pt"))
+        if tdist.is_initialized():
+            tdist.barrier()
+
+    def load(self, ckpt_root: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        path = os.path.join(ckpt_root, tag)
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise FileNotFoundError(f"no FSDP (torch.distributed.checkpoint) checkpoint at {path}")
+        (model_sd, optim_sd), _ = self._states()
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        # strict=False because the frozen weights are (by design) absent; the trainable ones must all be there,
+        # which dcp.load has already enforced (it fails on a key of `state` missing from the checkpoint).
+        opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=opts)
+        extra = torch.load(os.path.join(path, "engine_state.pt"), weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler is not None and extra["scaler"] is not None:
+            self.scaler.load_state_dict(extra["scaler"])
+        self.global_steps, self._skipped, self.micro = extra["global_steps"], extra["skipped_steps"], extra["micro"]
+
+    def trainable_state_dict(self) -> dict:
+        out = {}
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[name] = full.detach().float().cpu().clone()
+        return out
+
+
+def read_fsdp_trainable(step_dir: str) -> dict:
+    """llama_proj tensors of an FSDP checkpoint, read without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "full.pt")
+        dcp_to_torch_save(step_dir, out)
+        full = torch.load(out, weights_only=False)
+    return {k: v.float() for k, v in full["model"].items()}

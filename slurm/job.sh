@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The body of slurm/stage1.sbatch and slurm/stage2.sbatch (they `source` it from the batch shell,
+# so the signal trap below belongs to the process Slurm signals). Arguments: CONFIG [key=value ...]
+set -uo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: sbatch [--nodes N ...] $0 CONFIG.yaml [key=value ...]" >&2; exit 2
+fi
+CONFIG=$1; shift
+
+# Slurm exports the submitting shell's environment (PATH with its venv included); MGPT4_ENV names
+# another venv or conda env to activate on the nodes instead.
+if [ -n "${MGPT4_ENV:-}" ]; then
+  if [ -f "$MGPT4_ENV/bin/activate" ]; then source "$MGPT4_ENV/bin/activate"
+  else eval "$(conda shell.bash hook)" && conda activate "$MGPT4_ENV"; fi
+fi
+command -v python >/dev/null || { echo "no python on PATH: submit from an activated env or set MGPT4_ENV" >&2; exit 2; }
+
+# Resolve the config once here: the run dir (for the job log) and the last step (to tell a finished
+# run from a preempted one). A bad config or override fails now, before any node starts.
+read -r RUN_DIR LAST_STEP < <(python - "$CONFIG" "$@" <<'PY'
+import sys
+from mgpt4_dist.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[2:])
+print(cfg.run_dir, min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps))
+PY
+) || { echo "config error (see above): fix the config or overrides" >&2; exit 2; }
+[ -n "${RUN_DIR:-}" ] || exit 2
+
+# #SBATCH --output cannot name the run dir, so the job log is copied there (appended across requeues).
+mkdir -p "$RUN_DIR/slurm"
+exec > >(tee -a "$RUN_DIR/slurm/job_${SLURM_JOB_ID}.out") 2>&1
+
+# One task per GPU; on CPU one per node unless MGPT4_TASKS_PER_NODE says otherwise.
+TASKS_PER_NODE=${MGPT4_TASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+NODES=${SLURM_JOB_NUM_NODES:-1}
+# Rendezvous on the first node's address (NodeAddr: node names need not resolve), on a port
+# derived from the job id so jobs sharing a node do not collide (dist.slurm_master_port agrees).
+FIRST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$FIRST" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n1)}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
+[ -n "${MGPT4_NCCL_ENV:-}" ] && source "$MGPT4_NCCL_ENV"   # e.g. slurm/env/nccl_ib.sh
+echo "[job] $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NODES node(s) x $TASKS_PER_NODE task(s), master $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR"
+
+# Preemption. The batch shell receives USR1 120 s before the time limit (--signal=B:USR1@120), from
+# `scancel --signal=USR1 --batch|--full JOBID`, or TERM on preemption; it forwards the signal to srun,
+# which forwards it to every task; each rank finishes its step, they agree, write a checkpoint and
+# exit 0. A plain `scancel --signal=USR1 JOBID` reaches the tasks directly with the same result.
+# Either way: tasks exit 0 before the last step => requeue; the requeued job resumes from `latest`.
+forward() { echo "[job] got $1: asking the ranks to checkpoint"; kill -"$1" "$SRUN_PID" 2>/dev/null; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# --kill-on-bad-exit: one rank dying ends the step instead of leaving the others in a collective.
+srun --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --ntasks=$((NODES * TASKS_PER_NODE)) \
+  --kill-on-bad-exit=1 --cpu-bind=none \
+  python -u -m mgpt4_dist.train --config "$CONFIG" "$@" &
+SRUN_PID=$!
+# `wait` returns early when a trapped signal arrives; keep waiting until srun has really exited.
+while :; do
+  wait "$SRUN_PID"; RC=$?
+  kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+
+LATEST=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || echo none)
+if [ "$RC" -eq 0 ] && [ "$LATEST" != "$(printf 'step_%08d' "$LAST_STEP")" ]; then
+  echo "[job] stopped early at $LATEST (preempted): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+echo "[job] $(date -u +%FT%TZ) training exited with $RC (latest checkpoint: $LATEST)"
+exit "$RC"

@@ -1,0 +1,128 @@
+"""slurm/stage1.sbatch and slurm/stage2.sbatch on a real Slurm cluster of two nodes on localhost:
+multi-node training, preemption + requeue with exact resume, fail-fast when a rank dies."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BIN, REPO, TINY_STAGE1, TINY_STAGE2, read_metrics
+from slurm_cluster import SlurmCluster, ensure_installed
+
+pytestmark = pytest.mark.slow
+# DeepSpeed JIT-compiles its CPU ops on first use; concurrent DeepSpeed runs on this machine rebuilding
+# the shared ~/.cache/torch_extensions made jobs wait minutes, so these tests keep their own, built once.
+EXT_DIR = os.path.expanduser("~/.cache/mgpt4_slurm_tests/torch_extensions")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    c = SlurmCluster().start()
+    warm = "from deepspeed.accelerator import get_accelerator as a\n" \
+           "for n in ('ShareMemCommBuilder', 'CPUAdamBuilder'): a().create_op_builder(n).load()"
+    subprocess.run([sys.executable, "-c", warm], env={**os.environ, "TORCH_EXTENSIONS_DIR": EXT_DIR},
+                   capture_output=True, timeout=900)
+    yield c
+    c.stop()
+
+
+def submit(cluster, script, config, overrides, nodes=1):
+    # The job uses the submitting shell's Python environment, as a user's would.
+    env = {"PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": EXT_DIR}
+    return cluster.sbatch(["--nodes", str(nodes), "--output", os.devnull, os.path.join(REPO, "slurm", script),
+                           config, *overrides], env=env, cwd=REPO)
+
+
+def job_log(run_dir, job_id):
+    path = os.path.join(run_dir, "slurm", f"job_{job_id}.out")
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def wait_for_step(run_dir, step, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and any(
+                m["step"] >= step for m in read_metrics(run_dir)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {run_dir}/metrics.jsonl after {timeout}s")
+
+
+def rank_lines(log):
+    """rank -> (node, pid) from the env report."""
+    return {int(r): (node, int(pid)) for r, node, pid in
+            re.findall(r"\[env\] rank (\d+) local_rank \d+ node (\S+) host \S+ pid (\d+)", log)}
+
+
+def test_stage1_trains_on_two_nodes(cluster, tiny_assets, tmp_path):
+    run_dir = str(tmp_path / "run")
+    t0 = time.time()
+    job = submit(cluster, "stage1.sbatch", TINY_STAGE1, [*tiny_assets["overrides"], f"run_dir={run_dir}",
+                 "train.max_steps=4", "train.log_every=1", "data.num_workers=0"], nodes=2)
+    info = cluster.wait_job(job, timeout=180)
+    log = job_log(run_dir, job)
+    print(f"stage1 2 nodes: {time.time() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    ranks = rank_lines(log)
+    assert sorted(ranks) == [0, 1] and {ranks[0][0], ranks[1][0]} == {"node1", "node2"}, log
+    assert "(slurm launcher)" in log and "backend gloo" in log
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step_00000004"
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny_assets, tmp_path):
+    run_dir, max_steps = str(tmp_path / "run"), 30
+    t0 = time.time()
+    job = submit(cluster, "stage1.sbatch", TINY_STAGE1, [*tiny_assets["overrides"], f"run_dir={run_dir}",
+                 f"train.max_steps={max_steps}", "train.log_every=1", "checkpoint.every_steps=1000",
+                 "data.num_workers=0"], nodes=2)
+    wait_for_step(run_dir, 2, timeout=180)
+    # What the time limit does through --signal=B:USR1@120: signal the batch shell only.
+    cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    info = cluster.wait_job(job, timeout=240, until=("COMPLETED", "FAILED", "CANCELLED"))
+    log = job_log(run_dir, job)
+    print(f"preempt + requeue: {time.time() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    assert "requeueing job" in log and "resumed from" in log, log[-4000:]
+    steps = [m["step"] for m in read_metrics(run_dir)]
+    assert steps == list(range(1, max_steps + 1)), steps  # no step repeated or lost
+    preempted_at = int(re.search(r"stopped early at step_(\d+)", log).group(1))
+    assert 2 <= preempted_at < max_steps
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == f"step_{max_steps:08d}"
+
+
+def test_job_fails_fast_when_a_rank_dies(cluster, tiny_assets, tmp_path):
+    run_dir = str(tmp_path / "run")
+    job = submit(cluster, "stage1.sbatch", TINY_STAGE1, [*tiny_assets["overrides"], f"run_dir={run_dir}",
+                 "train.max_steps=100000", "train.log_every=1", "checkpoint.every_steps=100000",
+                 "data.num_workers=0", "parallel.timeout_minutes=1"], nodes=2)
+    wait_for_step(run_dir, 2, timeout=180)
+    node, pid = rank_lines(job_log(run_dir, job))[1]
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    info = cluster.wait_job(job, timeout=150)
+    took = time.time() - killed
+    log = job_log(run_dir, job)
+    print(f"fail-fast: job ended {took:.1f}s after rank 1 was killed")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log[-4000:]
+    assert info["Restarts"] == "0"  # a crash is not a preemption: no requeue
+    assert took < 120, f"job took {took:.0f}s to end after a rank died"
+
+
+def test_stage2_on_one_node(cluster, tiny_assets, tmp_path):
+    run_dir = str(tmp_path / "run")
+    t0 = time.time()
+    job = submit(cluster, "stage2.sbatch", TINY_STAGE2, [*tiny_assets["overrides"], f"run_dir={run_dir}",
+                 "train.max_steps=3", "data.num_workers=0"])
+    info = cluster.wait_job(job, timeout=180)
+    log = job_log(run_dir, job)
+    print(f"stage2 1 node: {time.time() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "1 node(s) x 1 task(s)" in log
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step_00000003"

@@ -1,0 +1,90 @@
+"""The streaming checkpoint reader against DeepSpeed's own zero_to_fp32, on hand-built ZeRO layouts
+with awkward sizes (parameters split across ranks, uneven partitions, several groups)."""
+import math
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from mgpt4_dist.consolidate import DeepSpeedCheckpoint, resolve_step_dir
+
+SHAPES = [OrderedDict([("llama_proj.weight", torch.Size([7, 5])), ("extra.weight", torch.Size([3]))]),
+          OrderedDict([("llama_proj.bias", torch.Size([7]))])]
+
+
+def full_tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g) for group in SHAPES for n, s in group.items()}
+
+
+def write_checkpoint(step_dir, stage, world):
+    os.makedirs(step_dir)
+    values = {kind: full_tensors(i) for i, kind in enumerate(("fp32", "exp_avg", "exp_avg_sq"))}
+    model_name = "mp_rank_00_model_states.pt" if stage <= 2 else "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "buffer_names": [], "param_shapes": SHAPES, "frozen_param_shapes": None,
+                "shared_params": {}, "ds_version": "0.19.8", "frozen_param_fragments": None,
+                "dp_world_size": world, "lr_scheduler": {}, "global_steps": 5}, os.path.join(step_dir, model_name))
+    per_rank = {kind: [[] for _ in range(world)] for kind in values}
+    for kind, tensors in values.items():
+        for group in SHAPES:
+            if stage <= 2:  # one flat vector per group, padded, split in equal consecutive partitions
+                flat = torch.cat([tensors[n].flatten() for n in group])
+                size = 2 * world * math.ceil(flat.numel() / (2 * world))
+                flat = torch.cat([flat, torch.zeros(size - flat.numel())])
+                for r, part in enumerate(flat.chunk(world)):
+                    per_rank[kind][r].append(part.clone())
+            else:  # every parameter split in ceil(numel / world) pieces, one per rank
+                pieces = [[] for _ in range(world)]
+                for n in group:
+                    t = tensors[n].flatten()
+                    part = math.ceil(t.numel() / world)
+                    t = torch.cat([t, torch.zeros(part * world - t.numel())])
+                    for r in range(world):
+                        pieces[r].append(t[r * part:(r + 1) * part])
+                for r in range(world):
+                    per_rank[kind][r].append(torch.cat(pieces[r]))
+    for r in range(world):
+        state = {g: {"step": torch.tensor(5.0), "exp_avg": per_rank["exp_avg"][r][g],
+                     "exp_avg_sq": per_rank["exp_avg_sq"][r][g]} for g in range(len(SHAPES))}
+        osd = {"zero_stage": stage, "partition_count": world}
+        if stage <= 2:
+            osd.update(single_partition_of_fp32_groups=per_rank["fp32"][r],
+                       base_optimizer_state={"state": state, "param_groups": []},
+                       param_alignment_paddings=[[0] * len(g) for g in SHAPES])
+        else:
+            osd.update(fp32_flat_groups=per_rank["fp32"][r], optimizer_state_dict={"state": state, "param_groups": []})
+        torch.save({"optimizer_state_dict": osd},
+                   os.path.join(step_dir, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+    return values
+
+
+@pytest.mark.parametrize("stage,world", [(2, 1), (2, 2), (2, 3), (3, 2), (3, 3)])
+def test_reader_equals_zero_to_fp32_and_recovers_moments(tmp_path, stage, world):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    root = tmp_path / "checkpoints"
+    values = write_checkpoint(str(root / "step_00000005"), stage, world)
+    (root / "latest").write_text("step_00000005")
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(root), exclude_frozen_parameters=True)
+    reader = DeepSpeedCheckpoint(resolve_step_dir(str(root / "latest")))
+    assert (reader.zero_stage, reader.world_size, reader.optimizer_step()) == (stage, world, 5)
+    got = reader.tensors("fp32")
+    assert list(got) == [n for g in SHAPES for n in g]
+    for name in got:
+        assert torch.equal(got[name], ref[name]) and torch.equal(got[name], values["fp32"][name])
+    for kind in ("exp_avg", "exp_avg_sq"):
+        for name, tensor in reader.iter_tensors(kind):
+            assert torch.equal(tensor, values[kind][name]), (kind, name)
+
+
+def test_incomplete_checkpoint_is_reported(tmp_path):
+    from mgpt4_dist.consolidate import CheckpointFormatError
+
+    step = tmp_path / "step_00000005"
+    write_checkpoint(str(step), 2, 2)
+    os.remove(step / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointFormatError, match="expected 2 .*found 1"):
+        DeepSpeedCheckpoint(str(step))
+    with pytest.raises(CheckpointFormatError, match="no DeepSpeed"):
+        DeepSpeedCheckpoint(str(tmp_path))
