@@ -146,7 +146,8 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
         sources, rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
         resample=cfg.data.resample, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.vit.img_size,
         clean_captions=cfg.data.clean_captions, max_caption_words=cfg.data.max_caption_words,
-        start=data_start, pin_memory=device.type == "cuda", features=cfg.data.features)
+        start=data_start, pin_memory=device.type == "cuda", features=cfg.data.features,
+        group_by_length=cfg.data.group_by_length)
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, enabled=rank == 0,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)

@@ -14,6 +14,12 @@ of that shard it has consumed, and how many bad samples it has skipped so far. W
 position after each batch; the main process keeps the position of the last batch it consumed from
 each stream. DataLoader hands out batches from workers round-robin, so on resume the workers are
 rotated to continue exactly where the previous run's next batch would have come from.
+
+Length-grouped batching (`data.group_by_length=N`, off by default as in the original): a stream
+fills a window of N batches, sorts it by caption length, cuts it into batches and yields them in
+a seeded random order, so a batch pads its answers to a length close to their own. Its position
+inside a window is `{window start..., window_done: k}`: a resume re-reads the window from its
+start (deterministic), regroups it identically and skips the k batches already consumed.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mgpt4_dist.data.shards import (BadSampleError, decode_feature_sample, decode_sample, expand_shard_pattern,
                                     read_shard_samples)
-from mgpt4_dist.data.transforms import build_image_transform
+from mgpt4_dist.data.transforms import build_resize_transform, normalize_images
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
                  resample: bool, batch_size: int, image_size: int, clean_captions: bool,
-                 max_caption_words: int, start: Optional[dict] = None, features: bool = False):
+                 max_caption_words: int, start: Optional[dict] = None, features: bool = False,
+                 group_by_length: int = 0):
         self.sources = sources
+        self.group_by_length = group_by_length  # window in batches; 0 = batches in stream order
         self.features = features  # samples hold cached vision features instead of images
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
@@ -102,8 +110,10 @@ class ShardStream(IterableDataset):
         return order[stream::self.world_size * self.num_workers]
 
     def samples(self, stream: int, position: dict) -> Iterator[tuple]:
-        """Yield (image, caption, key, position-after-this-sample) forever from `position`."""
-        transform = build_image_transform(self.image_size)
+        """Yield (image, caption, key, position-after-this-sample) forever from `position`.
+
+        Images are resized uint8 tensors (normalized per batch in `_batch`); features as stored."""
+        transform = build_resize_transform(self.image_size)
         pos = dict(position)
         empty_in_row = 0
         while True:
@@ -143,15 +153,52 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         stream = self.stream_id(worker)
         position = self.start.get("positions", {}).get(str(stream)) or {"epoch": 0, "index": 0, "offset": 0, "skipped": 0}
-        images, answers, keys = [], [], []
-        for image, caption, key, pos in self.samples(stream, position):
-            images.append(image)
-            answers.append(caption)
-            keys.append(key)
-            if len(images) == self.batch_size:
-                yield {"images": torch.stack(images), "answers": answers, "keys": keys,
-                       "stream": stream, "position": pos}
-                images, answers, keys = [], [], []
+        if self.group_by_length > 0:
+            yield from self._grouped_batches(stream, position)
+            return
+        position = {k: v for k, v in position.items() if k != "window_done"}  # grouping was switched off
+        window = []
+        for sample in self.samples(stream, position):
+            window.append(sample)
+            if len(window) == self.batch_size:
+                yield self._batch(window, stream, window[-1][3])
+                window = []
+
+    def _grouped_batches(self, stream: int, position: dict) -> Iterator[dict]:
+        window_start = {k: v for k, v in position.items() if k != "window_done"}
+        done = int(position.get("window_done", 0))  # batches of this window consumed before a resume
+        samples = self.samples(stream, window_start)
+        size = self.group_by_length * self.batch_size
+        while True:
+            window = [next(samples) for _ in range(size)]
+            # Seeded by where the window starts, so a resume regroups it identically.
+            rng = random.Random(f"{self.seed}:{stream}:group:{window_start['epoch']}:{window_start['index']}:"
+                                f"{window_start['offset']}")
+            batches = length_grouped_batches([len(caption) for _, caption, _, _ in window], self.batch_size, rng)
+            window_end = window[-1][3]
+            for k in range(done, len(batches)):
+                last = k + 1 == len(batches)
+                pos = window_end if last else {**window_start, "window_done": k + 1}
+                yield self._batch([window[i] for i in batches[k]], stream, pos)
+            window_start, done = dict(window_end), 0
+
+    def _batch(self, samples: list, stream: int, position: dict) -> dict:
+        images = torch.stack([image for image, _, _, _ in samples])
+        if not self.features:
+            images = normalize_images(images)
+        return {"images": images, "answers": [caption for _, caption, _, _ in samples],
+                "keys": [key for _, _, key, _ in samples], "stream": stream, "position": dict(position)}
+
+
+def length_grouped_batches(lengths: List[int], batch_size: int, rng: random.Random) -> List[List[int]]:
+    """Indices of a window cut into batches of similar length, the batches in random order.
+
+    Length is the caption's character count: the stream has no tokenizer, and characters track
+    tokens closely enough to group by (tools/bench_padding.py measures the padding left)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 class BatchLoader:
@@ -224,12 +271,12 @@ def rescale_data_state(old_states: List[dict], rank: int, world_size: int, num_w
 def build_batch_loader(sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
                        resample: bool, batch_size: int, image_size: int, clean_captions: bool,
                        max_caption_words: int, start: Optional[dict] = None,
-                       pin_memory: bool = False, features: bool = False) -> BatchLoader:
+                       pin_memory: bool = False, features: bool = False, group_by_length: int = 0) -> BatchLoader:
     if start and start.get("num_workers", num_workers or 1) != max(1, num_workers):
         log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart from their "
                     "recorded positions where they exist", start.get("num_workers"), num_workers)
     stream = ShardStream(sources, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
                          resample=resample, batch_size=batch_size, image_size=image_size,
                          clean_captions=clean_captions, max_caption_words=max_caption_words, start=start,
-                         features=features)
+                         features=features, group_by_length=group_by_length)
     return BatchLoader(stream, num_workers, pin_memory)

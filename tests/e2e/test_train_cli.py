@@ -42,8 +42,12 @@ def test_shard_pattern_matching_nothing_fails_before_training(tiny_assets, tmp_p
 def test_single_process_without_launcher(tiny_assets, run_train, tmp_path):
     run_dir = str(tmp_path / "run")
     proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=6",
-                      "train.log_every=1", "data.num_workers=0", "--profile"], launcher="none")
+                      "train.log_every=1", "data.num_workers=0", "data.group_by_length=2", "--profile"],
+                     launcher="none")
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    import yaml
+
+    assert yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))["data"]["group_by_length"] == 2
     assert "done: step 6/6" in proc.stdout
     trace = json.load(open(os.path.join(run_dir, "profile", "trace_rank0.json")))
     assert any("aten::" in e.get("name", "") for e in trace["traceEvents"])  # a real profiler trace

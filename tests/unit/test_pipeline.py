@@ -21,22 +21,24 @@ def shard_dir(tmp_path_factory):
     return str(out)
 
 
-def loader(sources, start=None, num_workers=0, rank=0, world_size=1, resample=True, batch_size=4):
+def loader(sources, start=None, num_workers=0, rank=0, world_size=1, resample=True, batch_size=4, group=0):
     return build_batch_loader(sources, rank=rank, world_size=world_size, num_workers=num_workers, seed=7,
                               resample=resample, batch_size=batch_size, image_size=IMAGE_SIZE,
-                              clean_captions=True, max_caption_words=50, start=start)
+                              clean_captions=True, max_caption_words=50, start=start, group_by_length=group)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_continues_exactly(shard_dir, num_workers):
+@pytest.mark.parametrize("num_workers,group", [(0, 0), (2, 0), (0, 3), (2, 3)])
+def test_resume_continues_exactly(shard_dir, num_workers, group):
     sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
-    straight = loader(sources, num_workers=num_workers)
+    straight = loader(sources, num_workers=num_workers, group=group)
     reference = [next(straight) for _ in range(9)]
-    first = loader(sources, num_workers=num_workers)
-    for _ in range(5):
+    first = loader(sources, num_workers=num_workers, group=group)
+    for _ in range(5):  # with group=3 and 2 workers, stream 0 stops inside its first window
         next(first)
     state = json.loads(json.dumps(first.state_dict()))  # must survive serialisation
-    resumed = loader(sources, start=state, num_workers=num_workers)
+    if group:
+        assert any("window_done" in p for p in state["positions"].values())
+    resumed = loader(sources, start=state, num_workers=num_workers, group=group)
     for expected in reference[5:]:
         got = next(resumed)
         assert got["keys"] == expected["keys"]
@@ -64,6 +66,45 @@ def test_one_pass_without_resampling_has_no_duplicates_or_gaps(shard_dir):
                     break
                 seen.append(key)
     assert len(seen) == 60 and len(set(seen)) == 60
+
+
+def test_images_are_the_clip_transform_of_the_stored_jpegs(shard_dir):
+    from mgpt4_dist.data.shards import read_shard_samples
+    from mgpt4_dist.data.transforms import build_image_transform, decode_image
+
+    sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
+    batch = next(loader(sources))
+    raws = {raw["__key__"]: raw for shard in sources[0].shards for raw in read_shard_samples(shard)}
+    transform = build_image_transform(IMAGE_SIZE)
+    for key, image in zip(batch["keys"], batch["images"]):
+        assert torch.equal(image, transform(decode_image(raws[key]["jpg"])))
+
+
+def padding_of(batch):
+    lengths = [len(a) for a in batch["answers"]]
+    return sum(max(lengths) - n for n in lengths)
+
+
+def test_length_grouping_reorders_a_window_and_cuts_padding(shard_dir):
+    sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
+    window = 5
+    plain = [next(it) for it in [loader(sources, batch_size=4)] for _ in range(window)]
+    grouped = [next(it) for it in [loader(sources, batch_size=4, group=window)] for _ in range(window)]
+    # The same samples (a window is exactly `window` batches of the stream), fewer padded characters.
+    assert sorted(k for b in grouped for k in b["keys"]) == sorted(k for b in plain for k in b["keys"])
+    assert sum(map(padding_of, grouped)) < sum(map(padding_of, plain)) / 2
+    for b in grouped:  # each batch is a run of the sorted window
+        assert [len(a) for a in b["answers"]] == sorted(len(a) for a in b["answers"])
+    # The position after the window's last batch is the window's end, as without grouping.
+    assert "window_done" not in grouped[-1]["position"]
+
+
+def test_grouped_batches_of_a_pass_have_no_duplicates_or_gaps(shard_dir):
+    sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
+    stream = ShardStream(sources, rank=0, world_size=1, num_workers=1, seed=3, resample=False, batch_size=4,
+                         image_size=IMAGE_SIZE, clean_captions=True, max_caption_words=50, group_by_length=3)
+    keys = [k for batch, _ in zip(iter(stream), range(15)) for k in batch["keys"]]  # 15 x 4 = 60: one pass
+    assert len(keys) == 60 and len(set(keys)) == 60
 
 
 def test_too_few_shards_for_distinct_splits_is_an_error(shard_dir):
