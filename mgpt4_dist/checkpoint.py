@@ -9,13 +9,17 @@ Beside the engine's files each rank writes `trainer_state_rank{R}.pt` (step, dat
 states): small, weights-only-loadable types only.
 
 Resuming (`load_checkpoint`):
-- same backend, ZeRO stage and world size: the engine's own loader, each rank's trainer state and
-  RNG states as saved: the run continues bit for bit;
-- another world size or ZeRO stage: the checkpoint is resharded. The full fp32 master weights and
-  Adam moments are read tensor by tensor (`mgpt4_dist.consolidate`) and written into the new
-  engine's partitions, with the Adam step, lr scheduler and step counter; the result is read back
-  and compared before training. The data position is rescaled (`rescale_data_state`) and ranks
-  without a saved RNG state get one derived from (seed, step, rank).
+- same backend, world size (and ZeRO stage for DeepSpeed): the engine's own loader, each rank's
+  trainer state and RNG states as saved: the run continues bit for bit;
+- another backend (DeepSpeed ZeRO 1-3 <-> FSDP2), world size or ZeRO stage: the checkpoint is
+  resharded. A `mgpt4_dist.consolidate` reader of the writing backend gives the full fp32 master
+  weights and Adam moments tensor by tensor, with the Adam step, lr schedule and counters (steps,
+  fp16 loss scale); `Engine.load_full_state` writes them into the new engine's shards and reads
+  them back for an exact comparison before training. Nothing here knows either engine's internals.
+- data position: with the same world size (and data.num_workers) the streams are the same, so
+  every rank continues its own position and RNG exactly, whatever the engine; otherwise the
+  positions are rescaled (`rescale_data_state`: fresh deterministic positions past everything
+  consumed) and ranks without a saved RNG state get one derived from (seed, step, rank).
 Before either, the trainable tensor shapes are compared with the configured model, so a checkpoint
 for another LLM width or variant fails with a clear message before training.
 """
@@ -205,12 +209,13 @@ def saved_world_size(point: ResumePoint) -> int:
     return len([n for n in os.listdir(point.path) if re.match(r"^trainer_state_rank\d+\.pt$", n)])
 
 
-def check_model_fits(point: ResumePoint, model: torch.nn.Module) -> None:
+def check_model_fits(point: ResumePoint, model: torch.nn.Module, reader=None) -> None:
     """Fail before training when the checkpoint's trainable tensors do not fit the configured model."""
     from mgpt4_dist.consolidate import read_checkpoint
 
-    saved = read_checkpoint(point.path).shapes()
-    # ZeRO-3 leaves partitioned (empty) parameters in the module; ds_shape is the full shape.
+    saved = (reader or read_checkpoint(point.path)).shapes()
+    # ZeRO-3 leaves partitioned (empty) parameters in the module; ds_shape is the full shape. FSDP's
+    # DTensor parameters report their global shape.
     wanted = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
     problems = [f"missing {sorted(set(wanted) - set(saved))}"] if set(wanted) - set(saved) else []
     if set(saved) - set(wanted):
@@ -239,25 +244,34 @@ def load_checkpoint(engine, point: ResumePoint, cfg: JobConfig, rank: int, world
 
     Collective. See the module docstring for the same-layout and resharded paths.
     """
+    from mgpt4_dist.consolidate import read_checkpoint
     from mgpt4_dist.data.pipeline import rescale_data_state
 
     meta = read_checkpoint_meta(point)
-    if meta.get("backend", "deepspeed") == "deepspeed":  # FSDP (DCP) checkpoints: checked by the engine's load
-        check_model_fits(point, engine.module)
+    reader = read_checkpoint(point.path)
+    check_model_fits(point, engine.module, reader)
     old_world = saved_world_size(point)
-    same_layout = (old_world == world_size and meta.get("backend", "deepspeed") == cfg.parallel.backend
-                   and int(meta.get("zero_stage", cfg.parallel.zero_stage)) == cfg.parallel.zero_stage)
+    old_backend = meta.get("backend", "deepspeed")
+    same_stage = int(meta.get("zero_stage", cfg.parallel.zero_stage)) == cfg.parallel.zero_stage
+    # FSDP has no ZeRO stage: its checkpoints record the config's unused default.
+    same_layout = (old_world == world_size and old_backend == cfg.parallel.backend
+                   and (same_stage or cfg.parallel.backend != "deepspeed"))
     if same_layout:
         engine.load(point.root, point.tag)
+    else:
+        log.info("resharding %s: written by %d ranks (%s), resuming on %d ranks (%s)", point.path, old_world,
+                 _layout(old_backend, meta.get("zero_stage")), world_size,
+                 _layout(cfg.parallel.backend, cfg.parallel.zero_stage))
+        load_resharded(engine, reader)
+    workers = max(1, cfg.data.num_workers)
+    if old_world == world_size:
+        # The same streams (rank x worker) exist again, whatever the engine: each rank continues its
+        # own data position and RNG exactly.
         state = load_trainer_state(point, rank)
-        if state["data"].get("num_workers", max(1, cfg.data.num_workers)) != max(1, cfg.data.num_workers):
+        if state["data"].get("num_workers", workers) != workers:
             olds = [load_trainer_state(point, r)["data"] for r in range(old_world)]
             state["data"] = rescale_data_state(olds, rank, world_size, cfg.data.num_workers, cfg.data.resample)
         return state
-    log.info("resharding %s: written by %d ranks (%s ZeRO-%s), resuming on %d ranks (%s ZeRO-%d)", point.path,
-             old_world, meta.get("backend"), meta.get("zero_stage"), world_size, cfg.parallel.backend,
-             cfg.parallel.zero_stage)
-    load_resharded(engine, point)
     olds = [load_trainer_state(point, r) for r in range(old_world)]
     step = int(olds[0]["step"])
     state = {"step": step, "nonfinite_steps": olds[0].get("nonfinite_steps", 0),
@@ -274,77 +288,20 @@ def load_checkpoint(engine, point: ResumePoint, cfg: JobConfig, rank: int, world
     return state
 
 
-def load_resharded(engine, point: ResumePoint) -> None:
-    """Write a checkpoint's full fp32 weights + Adam moments into an engine of another layout.
+def _layout(backend: str, zero_stage) -> str:
+    return f"deepspeed ZeRO-{zero_stage}" if backend == "deepspeed" else backend
 
-    DeepSpeed (any ZeRO stage): through its tensor-fragment API (`safe_set_full_fp32_param`,
-    `safe_set_full_optimizer_state`), which maps a full tensor onto this rank's partition.
-    """
-    if not hasattr(engine, "engine"):
-        raise NotImplementedError(f"resharded resume into {type(engine).__name__} is not supported yet")
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
-    from mgpt4_dist.consolidate import MOMENTS, read_checkpoint
+def load_resharded(engine, reader) -> None:
+    """Write a checkpoint's full fp32 weights, Adam moments, Adam step, lr schedule and counters (from a
+    `mgpt4_dist.consolidate` reader of either backend) into an engine of another layout; the engine
+    reads them back and compares exactly (`Engine.load_full_state`). Only llama_proj trains, so the
+    full tensors are held at once: a few MB even for the 13B LLM."""
+    from mgpt4_dist.consolidate import MOMENTS
 
-    reader = read_checkpoint(point.path)
-    ds = engine.engine
-    adam_step = reader.optimizer_step()
-    base = ds.optimizer.optimizer  # the torch AdamW over this rank's fp32 partitions
-    # Adam creates its state lazily: create it to fill it. ZeRO-3 swaps its flat fp32 partitions
-    # into the param groups only during a step, so they are listed separately.
-    flat_params = list(getattr(ds.optimizer, "fp32_partitioned_groups_flat", None) or
-                       [p for group in base.param_groups for p in group["params"]])
-    for p in flat_params:
-        if True:
-            st = base.state[p]
-            st.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
-            st.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
-            st["step"] = torch.tensor(float(adam_step or 0))
-    if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the state just made
-        ds.optimizer._hp_optimizer_states_linked = False
-        ds.optimizer._lazy_init_hp_params_optimizer_state()
-    params = dict(engine.module.named_parameters())
     weights = reader.tensors("fp32")
     moments = {kind: reader.tensors(kind) for kind in MOMENTS}
-    for name, value in weights.items():
-        safe_set_full_fp32_param(params[name], value)
-        for kind in MOMENTS:
-            safe_set_full_optimizer_state(params[name], moments[kind][name], kind)
-    # The bit16 / module copy of the weights follows the fp32 master.
-    for name, value in weights.items():
-        p = params[name]
-        if hasattr(p, "ds_id"):  # ZeRO-3: gather, set on every rank, re-partition (collective)
-            from deepspeed.runtime.zero import GatheredParameters
-
-            with GatheredParameters([p], modifier_rank=0):
-                p.data.copy_(value.to(p.dtype))
-        else:
-            p.data.copy_(value.to(p.dtype))
-    if reader.lr_scheduler is not None and ds.lr_scheduler is not None:
-        ds.lr_scheduler.load_state_dict(reader.lr_scheduler)
-        for group, lr in zip(base.param_groups, ds.lr_scheduler.get_last_lr()):
-            group["lr"] = lr  # a normal resume gets it from the optimizer's saved param groups
-    model_state = _ds_model_state(point.path)
-    ds.global_steps = int(model_state.get("global_steps", 0))
-    ds.global_samples = int(model_state.get("global_samples", 0))
-    ds.skipped_steps = int(model_state.get("skipped_steps", 0))
-    # Read back: the new partitions must hold exactly the saved tensors.
-    for name, value in weights.items():
-        got = safe_get_full_fp32_param(params[name])
-        if got is None or not torch.equal(got.cpu().float(), value):
-            raise RuntimeError(f"resharded resume: {name} did not round-trip into the engine")
-        for kind in MOMENTS:
-            got = safe_get_full_optimizer_state(params[name], kind)
-            if got is None or not torch.equal(got.cpu().float(), moments[kind][name]):
-                raise RuntimeError(f"resharded resume: {kind} of {name} did not round-trip into the engine")
+    adam_step = reader.optimizer_step()
+    engine.load_full_state(weights, moments, adam_step, reader.lr_scheduler, reader.counters())
     log.info("resharded resume: %d tensors, their Adam moments (step %s) and the lr schedule restored and verified",
              len(weights), adam_step)
-
-
-def _ds_model_state(step_dir: str) -> dict:
-    import glob
-
-    path = sorted(glob.glob(os.path.join(step_dir, "*mp_rank_00_model_states.pt")))[0]
-    # Our own DeepSpeed output, read as DeepSpeed reads it.
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)

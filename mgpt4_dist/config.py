@@ -68,6 +68,9 @@ class ModelConfig:
     max_context_len: int = 3800
     # auto | flash | sdpa | eager: attention kernel of the LLM.
     attn_impl: str = "auto"
+    # train | fp32 | fp16 | bf16: dtype of the frozen ViT (the original runs it in fp16); `train`
+    # follows train.precision. Its output is cast to the Q-Former's dtype (ln_vision runs there).
+    vit_precision: str = "train"
 
 
 @dataclass
@@ -138,6 +141,10 @@ class ParallelConfig:
     zero_stage: int = 2
     offload: str = "none"
     activation_checkpointing: bool = False
+    # Used when backend=deepspeed and zero_stage=3: build the model under deepspeed.zero.Init, each
+    # parameter partitioned as it is created and weight files loaded into the partitions, so no
+    # rank ever holds the whole model. False: every rank builds it whole, ZeRO-3 partitions it after.
+    zero_init: bool = True
     # Collective timeout: a dead or hung rank ends the job after this, not after days.
     timeout_minutes: float = 10.0
 
@@ -176,6 +183,7 @@ CHOICES = {
     "parallel.backend": ("deepspeed", "fsdp"),
     "parallel.offload": ("none", "optimizer", "optimizer+params"),
     "model.attn_impl": ("auto", "flash", "sdpa", "eager"),
+    "model.vit_precision": ("train", "fp32", "fp16", "bf16"),
 }
 
 
@@ -349,6 +357,17 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("train.stop_at_step and train.global_batch_size must be >= 0")
     if cfg.checkpoint.every_steps < 1:
         raise ConfigError("checkpoint.every_steps must be >= 1")
+    own_vit_dtype = cfg.model.vit_precision not in ("train", cfg.train.precision)
+    if own_vit_dtype and cfg.parallel.backend == "fsdp":
+        raise ConfigError(
+            f"model.vit_precision={cfg.model.vit_precision} with parallel.backend=fsdp: FSDP2 computes every unit in "
+            f"train.precision={cfg.train.precision}; set model.vit_precision=train or use parallel.backend=deepspeed")
+    if (own_vit_dtype and cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage == 3
+            and not cfg.parallel.zero_init and cfg.train.precision != "fp32"):
+        raise ConfigError(
+            f"model.vit_precision={cfg.model.vit_precision} at ZeRO-3 with train.precision={cfg.train.precision} needs "
+            f"parallel.zero_init=true (without it DeepSpeed casts every parameter to {cfg.train.precision} as it "
+            f"partitions them)")
 
 
 def load_config(path: str | None, overrides: List[str] | None = None) -> JobConfig:

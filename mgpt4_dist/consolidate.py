@@ -1,14 +1,21 @@
 """Consolidation: a sharded training checkpoint → one fp32 artifact for inference or export.
 
-Reads a DeepSpeed `step_NNNNNNNN/` folder (ZeRO 0-3, any world size) without a process group or
-GPU, one tensor at a time:
+Two readers with one interface (`names()`, `shapes()`, `iter_tensors(kind)` / `tensors(kind)` for
+kind in "fp32", "exp_avg", "exp_avg_sq", `optimizer_step()`, `lr_scheduler`, `counters()`), both
+working without a process group or GPU, one tensor at a time; `read_checkpoint` picks the one for
+the backend recorded in the step folder's meta.json:
 
-- the optimizer shards are opened with `mmap=True`, so only the pages of the tensor being
-  assembled are read; each parameter is cut out of the flat fp32 partitions of every rank (the
-  layouts DeepSpeed's `zero_to_fp32` reconstructs), written, and dropped. Peak RAM is about the
-  largest tensor plus the shard pages in flight, not the whole model;
-- the same walk gives the Adam moments (`exp_avg`, `exp_avg_sq`) per parameter, which resuming
-  on another world size or ZeRO stage uses.
+- `DeepSpeedCheckpoint` (ZeRO 0-3, any world size): the optimizer shards are opened with
+  `mmap=True`, so only the pages of the tensor being assembled are read; each parameter is cut
+  out of the flat fp32 partitions of every rank (the layouts DeepSpeed's `zero_to_fp32`
+  reconstructs), written, and dropped. Peak RAM is about the largest tensor plus the shard pages
+  in flight, not the whole model;
+- `FSDPCheckpoint` (FSDP2, any world size): `torch.distributed.checkpoint` metadata gives every
+  tensor's name and global shape; each is loaded alone (`dcp.load(..., no_dist=True)` of a
+  one-entry state dict), which reads only that tensor's chunks from every rank's file.
+
+The Adam moments and counters they also give are what resuming on another backend, world size
+or ZeRO stage uses (`mgpt4_dist.checkpoint.load_checkpoint`).
 
 `consolidate()` writes `model.safetensors` (trained tensors, fp32, model config in its metadata),
 `config.json` + `config.yaml` (what `mgpt4_dist.inference.load_model` needs) and `minigpt4.pth`
@@ -79,7 +86,9 @@ class DeepSpeedCheckpoint:
         model_state = _load_ds_file(model_files[0], mmap=True)
         self.param_shapes: List["OrderedDict[str, torch.Size]"] = model_state["param_shapes"]
         self.module_state = model_state["module"]
-        self.lr_scheduler = model_state.get("lr_scheduler")
+        self.lr_scheduler = _schedule_state(model_state.get("lr_scheduler"))
+        self._model_counters = {k: int(model_state.get(k) or 0)
+                                for k in ("global_steps", "global_samples", "skipped_steps")}
         self.optim_files = sorted(glob.glob(os.path.join(step_dir, "*optim_states.pt")),
                                   key=lambda p: int(p.split("zero_pp_rank_")[1].split("_")[0])
                                   if "zero_pp_rank_" in p else 0)
@@ -128,7 +137,9 @@ class DeepSpeedCheckpoint:
         """(name, full fp32 tensor) for every trainable parameter, one at a time."""
         if not self.optim_files:  # no ZeRO optimizer files: the module states hold the weights
             if kind != "fp32":
-                raise CheckpointFormatError(f"{self.step_dir}: no optimizer shards, so no {kind}")
+                raise CheckpointFormatError(
+                    f"{self.step_dir}: a ZeRO-0 checkpoint has no optimizer shards, so no {kind} to reshard; resume "
+                    f"it with parallel.backend=deepspeed parallel.zero_stage=0 on the same number of ranks")
             for name in self.names():
                 yield name, self.module_state[name].float().clone()
             return
@@ -199,6 +210,90 @@ class DeepSpeedCheckpoint:
             return int(step.item() if torch.is_tensor(step) else step)
         return None
 
+    def counters(self) -> dict:
+        """global_steps, global_samples, skipped_steps and the fp16 dynamic loss scale (None otherwise)."""
+        loss_scale = None
+        if self.optim_files:
+            sd = self.optim_states()[0]
+            scaler = sd.get("loss_scaler")
+            if sd.get("dynamic_loss_scale") and scaler is not None:
+                loss_scale = float(scaler.cur_scale)
+        return {**self._model_counters, "loss_scale": loss_scale}
+
+
+def _schedule_state(state: Optional[dict]) -> Optional[dict]:
+    # The schedule's own config object stays behind: the resuming run's optim config rebuilt it.
+    return None if state is None else {k: v for k, v in state.items() if k != "cfg"}
+
+
+class FSDPCheckpoint:
+    """Per-parameter access to an FSDP2 checkpoint: `torch.distributed.checkpoint` files holding
+    {"model": llama_proj, "optim": AdamW state keyed by parameter name} plus `engine_state.pt`."""
+
+    def __init__(self, step_dir: str):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        self.step_dir = step_dir
+        if not os.path.isfile(os.path.join(step_dir, ".metadata")):
+            raise CheckpointFormatError(f"{step_dir}: no torch.distributed.checkpoint .metadata file; is this a step "
+                                        f"folder of an mgpt4-train run with parallel.backend=fsdp?")
+        meta = FileSystemReader(step_dir).read_metadata().state_dict_metadata
+        self._entries = {k: v for k, v in meta.items() if isinstance(v, TensorStorageMetadata)}
+        self._shapes = {k[len("model."):]: torch.Size(v.size) for k, v in self._entries.items()
+                        if k.startswith("model.")}
+        if not self._shapes:
+            raise CheckpointFormatError(f"{step_dir}: the checkpoint holds no model tensors")
+        engine_state = os.path.join(step_dir, "engine_state.pt")
+        if not os.path.isfile(engine_state):
+            raise CheckpointFormatError(f"{step_dir}: engine_state.pt is missing: the checkpoint is incomplete")
+        self._engine_state = torch.load(engine_state, map_location="cpu", weights_only=True)
+        self.lr_scheduler = _schedule_state(self._engine_state.get("scheduler"))
+        self.world_size = len(glob.glob(os.path.join(step_dir, "__*_*.distcp")))
+
+    def names(self) -> List[str]:
+        return list(self._shapes)
+
+    def shapes(self) -> Dict[str, torch.Size]:
+        return dict(self._shapes)
+
+    def _key(self, name: str, kind: str) -> str:
+        return f"model.{name}" if kind == "fp32" else f"optim.state.{name}.{kind}"
+
+    def _load(self, key: str) -> torch.Tensor:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        if key not in self._entries:
+            raise CheckpointFormatError(f"{self.step_dir}: no {key} in the checkpoint")
+        entry = self._entries[key]
+        state = {key: torch.empty(entry.size, dtype=entry.properties.dtype)}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore")
+            dcp.load(state, checkpoint_id=self.step_dir, no_dist=True)
+        return state[key]
+
+    def iter_tensors(self, kind: str = "fp32") -> Iterator[Tuple[str, torch.Tensor]]:
+        """(name, full fp32 tensor) for every trainable parameter, one at a time."""
+        if kind not in ("fp32",) + MOMENTS:
+            raise ValueError(f"kind={kind!r}: choose fp32, exp_avg or exp_avg_sq")
+        for name in self._shapes:
+            yield name, self._load(self._key(name, kind)).float()
+
+    def tensors(self, kind: str = "fp32") -> Dict[str, torch.Tensor]:
+        return dict(self.iter_tensors(kind))
+
+    def optimizer_step(self) -> Optional[int]:
+        key = self._key(self.names()[0], "step")
+        return int(self._load(key).item()) if key in self._entries else None
+
+    def counters(self) -> dict:
+        scaler = self._engine_state.get("scaler")
+        return {"global_steps": int(self._engine_state.get("global_steps", 0)),
+                "skipped_steps": int(self._engine_state.get("skipped_steps", 0)),
+                "loss_scale": float(scaler["scale"]) if scaler else None}
+
 
 def _join(pieces: List[torch.Tensor], numel: Optional[int] = None) -> torch.Tensor:
     """One fp32 copy of the pieces (views into memory-mapped shards), cut to numel: the only copy made."""
@@ -209,18 +304,21 @@ def _join(pieces: List[torch.Tensor], numel: Optional[int] = None) -> torch.Tens
         take = min(p.numel(), numel - at)
         if take <= 0:
             break
-        out[at:at + take].copy_(p[:take])
+        out[at:at + take].copy_(p.detach()[:take])  # fp32 partitions are saved with requires_grad
         at += take
     return out
 
 
+READERS = {"deepspeed": DeepSpeedCheckpoint, "fsdp": FSDPCheckpoint}
+
+
 def read_checkpoint(step_dir: str):
-    """The reader for the backend that wrote `step_dir` (DeepSpeed; FSDP2 once its engine lands)."""
-    meta = read_meta(step_dir)
-    if meta.get("backend", "deepspeed") != "deepspeed":
-        raise CheckpointFormatError(f"{step_dir}: consolidating parallel.backend={meta['backend']} checkpoints "
-                                    f"is not supported yet")
-    return DeepSpeedCheckpoint(step_dir)
+    """The reader for the backend that wrote `step_dir` (meta.json's backend; DeepSpeed when absent)."""
+    backend = read_meta(step_dir).get("backend", "deepspeed")
+    if backend not in READERS:
+        raise CheckpointFormatError(f"{step_dir}: meta.json names parallel.backend={backend!r}, which no reader "
+                                    f"handles ({', '.join(READERS)}); was it written by another mgpt4_dist version?")
+    return READERS[backend](step_dir)
 
 
 def read_meta(step_dir: str) -> dict:

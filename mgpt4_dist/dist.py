@@ -7,9 +7,12 @@ LOCAL_RANK, `srun` sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, mpirun sets OMP
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -159,3 +162,97 @@ def is_collective_failure(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return any(m in text for m in _COLLECTIVE_FAILURE_MARKERS)
+
+
+# Liveness. Every rank records the step it is starting in the rendezvous store (a key per rank,
+# served by a thread in rank 0's process, so it answers even while rank 0's main thread waits in a
+# collective). When a collective fails, a surviving rank reads them to name the rank that fell behind:
+# a timeout by itself only says that *some* peer did not answer.
+_HEARTBEAT_KEY = "mgpt4/heartbeat/"
+_TEST_HANG_ENV = "MGPT4_TEST_HANG"
+
+
+def _test_hang_point() -> tuple[int, int] | None:
+    """MGPT4_TEST_HANG=RANK:STEP makes that rank stop answering as it starts that step (tests only)."""
+    value = os.environ.get(_TEST_HANG_ENV)
+    if not value:
+        return None
+    try:
+        rank, step = (int(x) for x in value.split(":"))
+    except ValueError:
+        raise ValueError(f"{_TEST_HANG_ENV}={value!r}: expected RANK:STEP, e.g. {_TEST_HANG_ENV}=1:3") from None
+    return rank, step
+
+
+def _store():
+    try:
+        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
+    except (AttributeError, ValueError, RuntimeError):
+        return None
+
+
+def mark_step(rank: int, step: int) -> None:
+    """Called by every rank as it starts `step` (1-based): records it for `describe_collective_failure`."""
+    hang = _test_hang_point()
+    if hang == (rank, step):
+        print(f"[test] {_TEST_HANG_ENV}: rank {rank} on {node_name()} (pid {os.getpid()}) stops answering "
+              f"at step {step}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    store = _store()
+    if store is None or _world_size() == 1:
+        return
+    try:
+        store.set(f"{_HEARTBEAT_KEY}{rank}", json.dumps(
+            {"step": step, "node": node_name(), "host": socket.gethostname(), "pid": os.getpid(),
+             "time": time.time()}))
+    except (RuntimeError, dist.DistError):
+        pass  # the store lives in rank 0: if it is gone, the next collective reports that
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _heartbeats(world_size: int) -> dict[int, dict]:
+    store = _store()
+    if store is None:
+        return {}
+    beats = {}
+    try:
+        store.set_timeout(datetime.timedelta(seconds=5))
+        for r in range(world_size):
+            key = f"{_HEARTBEAT_KEY}{r}"
+            if store.check([key]):
+                beats[r] = json.loads(store.get(key))
+    except (RuntimeError, dist.DistError, ValueError):
+        pass  # rank 0 (the store) is gone: report what was read
+    return beats
+
+
+def describe_collective_failure(error: BaseException, timeout_minutes: float) -> str:
+    """The error a rank prints when a collective failed: who it is, and which rank(s) stopped answering."""
+    rank = int(os.environ.get("RANK", "-1"))
+    world = _world_size()
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = (f"rank {rank} on {node_name()}: a collective failed ({reason}); timeout "
+            f"parallel.timeout_minutes={timeout_minutes:g}.")
+    beats = _heartbeats(world)
+    if not beats:
+        return text + (" A peer rank died or hung; the [env] rank lines at the top of the job log give each "
+                       "rank's host and pid.")
+    now, newest = time.time(), max(b["step"] for b in beats.values())
+    behind = {r: b for r, b in beats.items() if b["step"] < newest}
+    silent = [r for r in range(world) if r not in beats]
+
+    def who(r, b):
+        return (f"rank {r} (node {b['node']}, host {b['host']}, pid {b['pid']}) last started step {b['step']} "
+                f"{now - b['time']:.0f}s ago")
+    if behind or silent:
+        lagging = [who(r, b) for r, b in sorted(behind.items())]
+        lagging += [f"rank {r} (never reported a step)" for r in silent]
+        return (text + f" Stopped answering: {'; '.join(lagging)}, while the other ranks started step {newest}. "
+                "Look at that rank: a hang (py-spy dump --pid PID) or a crash (its node's log).")
+    return (text + f" Every rank started step {newest}, so the failure is inside that step: a rank died or hung "
+            "there (or a collective was entered by only some ranks). Ranks: "
+            + "; ".join(who(r, b) for r, b in sorted(beats.items())) + ".")

@@ -30,7 +30,7 @@ IGNORED = {"arch": "one architecture here", "task": "one task here", "evaluate":
            "job_name": "run_dir names the run", "low_resource": "mgpt4-chat loads 8-bit on request",
            "drop_path_rate": "frozen ViT runs in eval mode", "use_grad_checkpoint": "parallel.activation_checkpointing",
            "prompt": "unused by MiniGPT4 training", "vit_model": "model.vit_checkpoint names the weight file",
-           "vit_precision": "the ViT runs in train.precision", "vis_processor": "one image transform (square bicubic 224)",
+"vis_processor": "one image transform (square bicubic 224)",
            "text_processor": "data.clean_captions", "data_type": "images only", "device_8bit": "mgpt4-chat option"}
 
 
@@ -77,6 +77,11 @@ def import_original(original: Dict[str, Any]) -> ImportReport:
             put(src, "model.qformer.num_query_tokens", int(value))
         elif key == "has_qformer":
             put(src, "model.has_qformer", bool(value))
+        elif key == "vit_precision":
+            if value in ("fp16", "fp32", "bf16"):
+                put(src, "model.vit_precision", value)
+            else:
+                report.unmapped.append((src, f"{value!r}: model.vit_precision takes fp16, fp32, bf16 or train"))
         elif key == "model_type":
             if str(value).endswith("llama2"):
                 put(src, "model.has_qformer", False)

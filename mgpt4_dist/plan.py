@@ -10,6 +10,9 @@ Parameter counts are exact: the ViT, Q-Former and LLM are built on the meta devi
   optimizer        K·Ψt (stage 0)             K·Ψt/N (stage 1-3, FSDP)      0 (optimizer offloaded)
 with K = 12 (fp32 master + Adam m, v) in bf16/fp16 and 8 (m, v) in fp32: the reference's
 16Ψ / 4Ψ+12Ψ/N / 2Ψ+14Ψ/N / 16Ψ/N for the trainable part.
+The stage-3 figures hold from the model build on with `parallel.zero_init=true` (the default;
+the build adds one module's weights while it is gathered); with `false` every rank first builds
+the whole model, b·(Ψf+Ψt), before `deepspeed.initialize` partitions it.
 
 Activations: the towers run without autograd and the frozen linears save no inputs (autograd
 keeps a matmul's input only to form a weight gradient), so what backward keeps per LLM layer and

@@ -37,6 +37,7 @@ from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
 from mgpt4_dist.models.sequence import SequenceBuilder
 from mgpt4_dist.parallel import build_engine
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES
+from mgpt4_dist.parallel.zero_init import model_build_for, report_build_memory
 
 log = logging.getLogger("mgpt4_dist.train")
 
@@ -114,11 +115,17 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
              world, info.launcher, device, cfg.train.micro_batch_size, accum, world,
              cfg.train.micro_batch_size * accum * world)
 
+    # At ZeRO-3 with parallel.zero_init the parameters are partitioned as they are created (and
+    # already on their device); otherwise every rank builds the whole model.
+    build = model_build_for(cfg, world, accum)
     model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.train.precision],
-                           device_type=device.type)
+                           device_type=device.type, build=build)
+    report_build_memory(model, build)
     counts = audit_trainable(model)
-    log.info("parameters: %d trainable (llama_proj), %d frozen", counts["trainable_params"], counts["frozen_params"])
-    model.to(device)
+    log.info("parameters: %d trainable (llama_proj), %d frozen%s", counts["trainable_params"], counts["frozen_params"],
+             " (built partitioned under deepspeed.zero.Init)" if build is not None else "")
+    if build is None:
+        model.to(device)
     flops_model = FlopsModel.from_model(model)
     tokenizer = load_tokenizer(cfg.model.llm_path)
     build_text = SequenceBuilder(tokenizer, model.num_image_tokens, cfg.data.max_txt_len, cfg.data.end_sym,
@@ -161,6 +168,7 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
 
     profiler = StepProfiler(cfg.run_dir, rank, enabled=profile)
     while step < last_step:
+        dist.mark_step(rank, step + 1)  # liveness record for the hung-rank error (and MGPT4_TEST_HANG)
         step_start, step_lr = time.perf_counter(), engine.lr()
         data_wait, losses, tokens, samples, micro, in_row, step_flops = 0.0, [], 0, 0, 0, 0, 0.0
         while micro < accum:
@@ -263,9 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # A peer died or hung past parallel.timeout_minutes. Exit at once, skipping the process
         # group teardown (it can block on the dead peer); the launcher (srun --kill-on-bad-exit,
         # torchrun, deepspeed) then stops the other ranks.
-        print(f"mgpt4-train: error: rank {os.environ.get('RANK', '?')} on {dist.node_name()}: a collective "
-              f"failed, a peer rank probably died or hung (timeout parallel.timeout_minutes="
-              f"{cfg.parallel.timeout_minutes}): {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        print(f"mgpt4-train: error: {dist.describe_collective_failure(e, cfg.parallel.timeout_minutes)}",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(4)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The body of slurm/stage1.sbatch and slurm/stage2.sbatch (they `source` it from the batch shell,
-# so the signal trap below belongs to the process Slurm signals). Arguments: CONFIG [key=value ...]
+# The body of slurm/stage1.sbatch, stage2.sbatch and stage1_deepspeed.sbatch (they `source` it from
+# the batch shell, so the signal trap below belongs to the process Slurm signals).
+# Arguments: CONFIG [key=value ...]. MGPT4_LAUNCHER=srun (default: one srun task per rank) or
+# deepspeed (one srun task per node running the DeepSpeed launcher from a generated hostfile).
 set -uo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: sbatch [--nodes N ...] $0 CONFIG.yaml [key=value ...]" >&2; exit 2
@@ -31,7 +33,10 @@ mkdir -p "$RUN_DIR/slurm"
 exec > >(tee -a "$RUN_DIR/slurm/job_${SLURM_JOB_ID}.out") 2>&1
 
 # One task per GPU; on CPU one per node unless MGPT4_TASKS_PER_NODE says otherwise.
-TASKS_PER_NODE=${MGPT4_TASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+# SLURM_GPUS_PER_NODE may carry a type ("a100:8").
+GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-}
+TASKS_PER_NODE=${MGPT4_TASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE##*:}}}
+TASKS_PER_NODE=${TASKS_PER_NODE:-1}
 NODES=${SLURM_JOB_NUM_NODES:-1}
 # Rendezvous on the first node's address (NodeAddr: node names need not resolve), on a port
 # derived from the job id so jobs sharing a node do not collide (dist.slurm_master_port agrees).
@@ -40,7 +45,7 @@ export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$FIRST" | sed -n 's/.*No
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 [ -n "${MGPT4_NCCL_ENV:-}" ] && source "$MGPT4_NCCL_ENV"   # e.g. slurm/env/nccl_ib.sh
-echo "[job] $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NODES node(s) x $TASKS_PER_NODE task(s), master $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR"
+echo "[job] $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NODES node(s) x $TASKS_PER_NODE task(s) (${MGPT4_LAUNCHER:-srun} launch), master $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR"
 
 # Preemption. The batch shell receives USR1 120 s before the time limit (--signal=B:USR1@120), from
 # `scancel --signal=USR1 --batch|--full JOBID`, or TERM on preemption; it forwards the signal to srun,
@@ -51,10 +56,26 @@ forward() { echo "[job] got $1: asking the ranks to checkpoint"; kill -"$1" "$SR
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-# --kill-on-bad-exit: one rank dying ends the step instead of leaving the others in a collective.
-srun --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --ntasks=$((NODES * TASKS_PER_NODE)) \
-  --kill-on-bad-exit=1 --cpu-bind=none \
-  python -u -m mgpt4_dist.train --config "$CONFIG" "$@" &
+# --kill-on-bad-exit: one rank (or one node's launcher) dying ends the step instead of leaving the
+# others in a collective.
+if [ "${MGPT4_LAUNCHER:-srun}" = deepspeed ]; then
+  # The hostfile lists the allocation's nodes in Slurm's order; every node's launcher reads the same
+  # file and starts its own ranks (--no_ssh, node rank = its line), so no ssh between nodes is needed.
+  # The names are only labels for DeepSpeed; the rendezvous goes to MASTER_ADDR.
+  HOSTFILE="$RUN_DIR/slurm/hostfile_${SLURM_JOB_ID}"
+  scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$TASKS_PER_NODE/" > "$HOSTFILE"
+  # Slurm signals every process of the step, the launchers included, and a Python process dies of
+  # an unhandled USR1; ignored here, the setting reaches the launchers, and the ranks install their
+  # own handler (checkpoint and exit 0, which the launchers pass on).
+  # --whole: the one task per node gets all of the job's CPUs there, not one, for all its ranks.
+  srun --nodes="$NODES" --ntasks-per-node=1 --ntasks="$NODES" --whole --kill-on-bad-exit=1 --cpu-bind=none \
+    bash -c 'trap "" USR1; NODE_RANK=$SLURMD_NODENAME exec bash "$0" "$@"' \
+    "$HERE/../launch/deepspeed_hostfile.sh" "$HOSTFILE" "$CONFIG" "$@" &
+else
+  srun --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE" --ntasks=$((NODES * TASKS_PER_NODE)) \
+    --kill-on-bad-exit=1 --cpu-bind=none \
+    python -u -m mgpt4_dist.train --config "$CONFIG" "$@" &
+fi
 SRUN_PID=$!
 # `wait` returns early when a trapped signal arrives; keep waiting until srun has really exited.
 while :; do

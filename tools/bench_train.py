@@ -1,14 +1,19 @@
 """Training step throughput: an original-style step vs mgpt4_dist's, side by side in one run.
 
     python tools/bench_train.py [--steps 15] [--nproc 2] [--variants zero2 zero2-features] [--write]
+    python tools/bench_train.py --preset 7b --nproc 1 --precision bf16 --micro-batch 32 --peak-flops 989e12  # GPU
 
 (a) original-style: the original MiniGPT-4's step reproduced on the same modules and data:
     plain DDP (find_unused_parameters=True) with the whole model on every rank, the LLM called
     with an attention mask and labels so that logits for every position are materialised in
     float and the loss is HF's, AdamW from torch. Autocast is off on CPU, as in the original.
 (b) mgpt4_dist: `mgpt4-train` with each engine variant (same model, data, batch, precision).
-Both run the same "small" model (bigger than tiny: ViT 256x4, Q-Former 256x2, LLaMA 512x4 with a
-32000-token vocabulary) on generated shards, under torchrun on gloo.
+Both run the same model on generated shards under torchrun: the "small" preset on CPU (bigger than
+tiny: ViT 256x4, Q-Former 256x2, LLaMA 512x4 with a 32000-token vocabulary, gloo) or, on a GPU,
+the "7b" preset: EVA ViT-g/14, the BLIP-2 Q-Former and a Vicuna-7B-shaped LLaMA (4096 x 32 layers)
+with random weights (NCCL). On a GPU the original-style step autocasts as the original does (frozen
+towers in the half precision, llama_proj in fp32) and MFU is reported for both, from the same
+FLOPs formula (`mgpt4_dist/flops.py`) and `--peak-flops`.
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")
 
+# The 7b preset keeps the config's ViT-g / Q-Former defaults and a Vicuna-7B-shaped LLM.
+PRESET_7B = ["model.vit.embed_dim=1408", "model.vit.depth=39", "model.vit.num_heads=16",
+             "model.qformer.hidden_size=768", "model.qformer.num_layers=12", "model.qformer.num_heads=12",
+             "model.qformer.intermediate_size=3072"]
 SMALL = ["model.vit.embed_dim=256", "model.vit.depth=4", "model.vit.num_heads=4", "model.qformer.hidden_size=256",
          "model.qformer.num_layers=2", "model.qformer.num_heads=4", "model.qformer.intermediate_size=512"]
 
@@ -37,13 +46,33 @@ VARIANTS = {
 }
 
 
-def build_assets(root: str, samples: int) -> dict:
+def build_llm_7b(out_dir: str) -> str:
+    """A random Vicuna-7B-shaped LLaMA folder in bf16, initialised on the GPU (seconds, not minutes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=2048,
+                         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    del model
+    torch.cuda.empty_cache()
+    return out_dir
+
+
+def build_assets(root: str, samples: int, preset: str = "small") -> dict:
     from mgpt4_dist.assets import build_tiny_llm, build_tiny_tokenizer
     from mgpt4_dist.data.shards import synthetic_samples, write_shards
 
     tok = build_tiny_tokenizer(os.path.join(root, "tok"))
-    llm = build_tiny_llm(os.path.join(root, "llm"), 32000, hidden_size=512, num_layers=4, num_heads=8,
-                         intermediate_size=1376)
+    if preset == "7b":
+        llm = build_llm_7b(os.path.join(root, "llm"))
+    else:
+        llm = build_tiny_llm(os.path.join(root, "llm"), 32000, hidden_size=512, num_layers=4, num_heads=8,
+                             intermediate_size=1376)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(tok, name)):
             with open(os.path.join(tok, name), "rb") as src, open(os.path.join(llm, name), "wb") as dst:
@@ -68,7 +97,7 @@ def torchrun(nproc: int, args: list, env: dict) -> None:
 
 # --------------------------------------------------------------------------- (a) original-style worker
 
-def original_worker(overrides: list, steps: int, warmup: int, out: str) -> None:
+def original_worker(overrides: list, steps: int, warmup: int, out: str, peak_flops: float) -> None:
     import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -76,13 +105,21 @@ def original_worker(overrides: list, steps: int, warmup: int, out: str) -> None:
     from mgpt4_dist import dist
     from mgpt4_dist.config import load_config, shard_sources
     from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
+    from mgpt4_dist.flops import FlopsModel
     from mgpt4_dist.models.llm import load_tokenizer
     from mgpt4_dist.models.minigpt4 import build_minigpt4
     from mgpt4_dist.models.sequence import SequenceBuilder
 
     cfg = load_config(TINY, overrides)
     info, device = dist.init_distributed()
-    model = build_minigpt4(cfg.model, seed=cfg.train.seed).to(device)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    on_gpu = device.type == "cuda"
+    # As the original on a GPU: frozen towers and LLM in the half precision, llama_proj in fp32,
+    # the forward under autocast. On CPU the original runs fp32 without autocast.
+    model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=half if (on_gpu and half) else torch.float32)
+    model.llama_proj.float()
+    model.to(device)
+    flops = FlopsModel.from_model(model)
 
     class OriginalStep(nn.Module):
         def __init__(self, inner):
@@ -102,20 +139,31 @@ def original_worker(overrides: list, steps: int, warmup: int, out: str) -> None:
                                 rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
                                 seed=cfg.train.seed, resample=True, batch_size=cfg.train.micro_batch_size,
                                 image_size=cfg.model.vit.img_size, clean_captions=True, max_caption_words=50)
-    times = []
+    times, step_flops = [], []
+    autocast = torch.autocast("cuda", dtype=half) if (on_gpu and half) else torch.autocast("cpu", enabled=False)
     for step in range(steps):
+        if on_gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         batch = next(loader)
-        loss = ddp(batch["images"].to(device), build(batch["answers"]).to(device))
+        text = build(batch["answers"])
+        images = batch["images"].to(device)
+        with autocast:
+            loss = ddp(images.to(half) if (on_gpu and half) else images, text.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.llama_proj.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        float(loss)  # the original logs the loss every step; this also waits for the GPU
         times.append(time.perf_counter() - start)
-    rss = dist.all_reduce_max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        step_flops.append(flops.step(len(batch["answers"]), text.input_ids_BT.shape[1], text.num_scored_tokens))
+    mem = torch.cuda.max_memory_allocated(device) if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mem = dist.all_reduce_max(mem)
+    achieved = sum(step_flops[warmup:]) / sum(times[warmup:])
     if info.rank == 0:
         with open(out, "w") as f:
-            json.dump({"step_times": times[warmup:], "max_mem_bytes": rss}, f)
+            json.dump({"step_times": times[warmup:], "max_mem_bytes": mem,
+                       "mfu": achieved / peak_flops if peak_flops else None}, f)
     dist.cleanup()
 
 
@@ -128,29 +176,38 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--variants", nargs="+", default=["zero2", "zero2-features"], choices=sorted(VARIANTS))
+    p.add_argument("--preset", choices=["small", "7b"], default="small", help="7b needs a GPU")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (H100 bf16: 989e12)")
+    p.add_argument("--samples", type=int, default=256, help="generated image-text pairs")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--overrides", nargs="*", default=[], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker == "original":
-        return original_worker(args.overrides, args.steps, args.warmup, args.out)
+        return original_worker(args.overrides, args.steps, args.warmup, args.out, args.peak_flops)
 
     from bench_md import machine_line, write_section
 
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     with tempfile.TemporaryDirectory() as tmp:
-        assets = build_assets(tmp, samples=64 * 4)
-        base = SMALL + [f"model.llm_path={assets['llm']}", f"data.shards=[{assets['shards']}]",
-                        f"train.micro_batch_size={args.micro_batch}", "data.num_workers=1", "train.precision=fp32"]
+        assets = build_assets(tmp, samples=args.samples, preset=args.preset)
+        workers = 1 if args.preset == "small" else 6
+        base = (SMALL if args.preset == "small" else PRESET_7B) + [
+            f"model.llm_path={assets['llm']}", f"data.shards=[{assets['shards']}]",
+            f"train.micro_batch_size={args.micro_batch}", f"data.num_workers={workers}",
+            f"train.precision={args.precision}", f"logging.peak_flops={args.peak_flops}"]
         global_batch = args.micro_batch * args.nproc
         rows = []
         out = os.path.join(tmp, "original.json")
         torchrun(args.nproc, [os.path.abspath(__file__), "--worker", "original", "--steps", str(args.steps),
-                              "--warmup", str(args.warmup), "--out", out, "--overrides", *base], env)
+                              "--warmup", str(args.warmup), "--peak-flops", str(args.peak_flops), "--out", out,
+                              "--overrides", *base], env)
         ref = json.load(open(out))
         ref_rate = global_batch * len(ref["step_times"]) / sum(ref["step_times"])
-        rows.append(("original-style (DDP, full logits)", ref_rate, ref["max_mem_bytes"]))
+        rows.append(("original-style (DDP, full logits)", ref_rate, ref["max_mem_bytes"], ref.get("mfu")))
+        print(f"original-style: {ref_rate:.1f} samples/s", flush=True)
         for variant in args.variants:
             extra = list(VARIANTS[variant])
             if "data.features=true" in extra:
@@ -159,7 +216,11 @@ def main() -> None:
 
                 feats = os.path.join(tmp, "features")
                 if not os.path.isdir(feats):
-                    cache_features(load_config(TINY, base), feats, store_dtype="fp32", progress=False)
+                    import torch
+
+                    cache_features(load_config(TINY, base), feats,
+                                   store_dtype="fp32" if args.precision == "fp32" else "bf16", progress=False,
+                                   device="cuda" if torch.cuda.is_available() else "cpu")
                 extra += [f"data.shards=[{feats}/*.tar]"]
             run_dir = os.path.join(tmp, variant)
             torchrun(args.nproc, ["-m", "mgpt4_dist.train", "--config", TINY, *base, *extra, f"run_dir={run_dir}",
@@ -167,17 +228,31 @@ def main() -> None:
                                   "logging.tensorboard=false", "logging.progress=false"], env)
             metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][args.warmup:]
             rate = global_batch * len(metrics) / sum(m["step_time_s"] for m in metrics)
-            rows.append((f"mgpt4_dist {variant}", rate, max(m["max_mem_bytes"] for m in metrics)))
-    command = (f"python tools/bench_train.py --steps {args.steps} --nproc {args.nproc} --micro-batch {args.micro_batch} "
-               f"--variants {' '.join(args.variants)} --write")
-    lines = ["| step | samples/s | ratio to original-style | peak RSS per rank |", "| --- | --- | --- | --- |"]
-    lines += [f"| {name} | {rate:.1f} | {rate / ref_rate:.2f}x | {mem / 2**30:.2f} GiB |" for name, rate, mem in rows]
-    body = (f"`{command}`\n\n{machine_line()}; {args.nproc} processes (gloo), fp32, micro batch {args.micro_batch} "
-            f"per rank, small preset (ViT 256x4, Q-Former 256x2, LLaMA 512x4, vocab 32000), mean over steps "
+            mfus = [m["mfu"] for m in metrics if m.get("mfu") is not None]
+            rows.append((f"mgpt4_dist {variant}", rate, max(m["max_mem_bytes"] for m in metrics),
+                         sum(mfus) / len(mfus) if mfus else None))
+            print(f"{variant}: {rate:.1f} samples/s; per step: time "
+                  f"{[round(m['step_time_s'], 3) for m in metrics]}, data wait {[round(m['data_wait_s'], 3) for m in metrics]}",
+                  flush=True)
+    command = (f"python tools/bench_train.py --preset {args.preset} --precision {args.precision} --steps {args.steps} "
+               f"--warmup {args.warmup} --nproc {args.nproc} --micro-batch {args.micro_batch} "
+               f"--variants {' '.join(args.variants)}" + (f" --peak-flops {args.peak_flops:g}" if args.peak_flops else "")
+               + " --write")
+    import torch
+
+    gpu = torch.cuda.is_available()
+    mem_name = "peak GPU memory per rank" if gpu else "peak RSS per rank"
+    lines = [f"| step | samples/s | ratio to original-style | {mem_name} | MFU |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {rate:.1f} | {rate / ref_rate:.2f}x | {mem / 2**30:.2f} GiB | "
+              f"{'-' if mfu is None else f'{100 * mfu:.1f} %'} |" for name, rate, mem, mfu in rows]
+    preset = ("small preset (ViT 256x4, Q-Former 256x2, LLaMA 512x4, vocab 32000)" if args.preset == "small" else
+              "7b preset (EVA ViT-g/14, BLIP-2 Q-Former, Vicuna-7B-shaped LLaMA 4096x32, random weights)")
+    body = (f"`{command}`\n\n{machine_line()}; {args.nproc} processes ({'nccl' if gpu else 'gloo'}), "
+            f"{args.precision}, micro batch {args.micro_batch} per rank, {preset}, mean over steps "
             f"{args.warmup + 1}..{args.steps}.\n\n" + "\n".join(lines))
     print(body)
     if args.write:
-        write_section("Training step vs the original", body)
+        write_section("Training step vs the original" + (" (GPU)" if gpu else ""), body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`mgpt4-consolidate`: a training checkpoint → fp32 inference folder, without a GPU or process group.
+"""`mgpt4-consolidate`: a training checkpoint (DeepSpeed ZeRO 0-3 or FSDP2, any world size) → fp32
+inference folder, without a GPU or process group.
 
     mgpt4-consolidate RUN_DIR/checkpoints/step_00001000 --out exported/
     mgpt4-consolidate RUN_DIR/checkpoints/latest --out exported/ --full
@@ -15,8 +16,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="mgpt4-consolidate",
         description="Write model.safetensors (trained llama_proj, fp32), config.json/config.yaml and minigpt4.pth "
-                    "(the original {'model': ...} format) from a sharded training checkpoint. Streams one tensor "
-                    "at a time.")
+                    "(the original {'model': ...} format) from a sharded training checkpoint of either backend "
+                    "(DeepSpeed or FSDP2, read from its meta.json). Streams one tensor at a time.")
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_NNNNNNNN, RUN_DIR/checkpoints/latest, or RUN_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--full", action="store_true",

@@ -79,12 +79,14 @@ def _tokenizer_from_sentencepiece(llm_path: str):
         return TokenizersBackend.from_pretrained(tmp)
 
 
-def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa") -> LlamaForCausalLM:
+def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa", build=None) -> LlamaForCausalLM:
     if not llm_path:
         raise ValueError("model.llm_path is empty: point it at a Hugging Face LLaMA folder "
                          "(mgpt4-make-tiny-assets writes a tiny one)")
     if not os.path.isfile(os.path.join(llm_path, "config.json")):
         raise FileNotFoundError(f"model.llm_path={llm_path}: no config.json there; expected a Hugging Face LLaMA folder")
+    if build is not None and build.sharded:
+        return _load_llm_into_sharded(llm_path, dtype, attn_impl, build)
     # Old folders may carry rotary_emb.inv_freq buffers; transformers drops them. Anything missing
     # or mis-shaped would be silently re-initialised: refuse that instead.
     llm, info = LlamaForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_impl,
@@ -98,6 +100,90 @@ def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa") -> Llam
             + (f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})" if missing else "")
             + (f" mis-shaped {mismatched[:3]}" if mismatched else ""))
     log.info("loaded LLM %s (%s, attention=%s)", llm_path, dtype, attn_impl)
+    return llm
+
+
+# Keys of old LLM folders that current transformers computes instead of loading.
+_DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _WeightFiles:
+    """The tensors of an LLM folder (safetensors or .bin, single or sharded), by key, read lazily."""
+
+    def __init__(self, llm_path: str):
+        import glob
+
+        from safetensors import safe_open
+
+        files = sorted(glob.glob(os.path.join(llm_path, "*.safetensors")))
+        self.shapes, self._where = {}, {}
+        if files:
+            for f in files:
+                handle = safe_open(f, framework="pt")
+                for key in handle.keys():
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    self._where[key] = (handle, key)
+            return
+        files = sorted(glob.glob(os.path.join(llm_path, "pytorch_model*.bin")))
+        if not files:
+            raise FileNotFoundError(f"model.llm_path={llm_path}: no *.safetensors or pytorch_model*.bin weight files")
+        for f in files:
+            # Mapped, not read: pages are touched only for the tensors that are copied.
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            for key, value in state.items():
+                self.shapes[key] = tuple(value.shape)
+                self._where[key] = (state, key)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        source, name = self._where[key]
+        return source[name] if isinstance(source, dict) else source.get_tensor(name)
+
+
+class _LazyState(dict):
+    """A state dict whose values are read from the files only when copied (by the writing rank)."""
+
+    def __init__(self, files: _WeightFiles, keys):
+        super().__init__((k, None) for k in keys)
+        self._files = files
+
+    def __getitem__(self, key):
+        return self._files.tensor(key)
+
+
+def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, build) -> LlamaForCausalLM:
+    """Construct the LLM with its parameters partitioned as they are created, then fill them one
+    module at a time: every rank reads the files' keys and shapes (metadata only) so a bad folder
+    fails on all ranks alike; only the rank whose writes are kept reads tensor values."""
+    from transformers import LlamaConfig
+    from transformers.initialization import no_init_weights
+
+    from mgpt4_dist.models.build import copy_state_into
+    from mgpt4_dist.models.loading import CheckpointMismatchError
+
+    config = LlamaConfig.from_pretrained(llm_path)
+    config._attn_implementation = attn_impl
+    # Random init of weights that are all overwritten next would cost a gather per module.
+    with build.construct(dtype), no_init_weights():
+        llm = LlamaForCausalLM(config)
+    build.built(llm)
+    files = _WeightFiles(llm_path)
+    expected = {k: build.full_shape(v) for k, v in llm.state_dict(keep_vars=True).items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)  # the same tensor as the input embedding
+    missing = sorted(k for k in expected if k not in files.shapes)
+    mismatched = [(k, list(files.shapes[k]), list(want)) for k, want in expected.items()
+                  if k in files.shapes and files.shapes[k] != want]
+    if missing or mismatched:
+        raise CheckpointMismatchError(
+            f"{llm_path}: the LLM weights do not fit its config.json: "
+            + (f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})" if missing else "")
+            + (f" mis-shaped (key, file, model) {mismatched[:3]}" if mismatched else ""))
+    unexpected = [k for k in files.shapes if k not in expected and not k.endswith(_DERIVED_KEY_SUFFIXES)]
+    if unexpected:
+        log.warning("%s: %d tensors not used by LlamaForCausalLM (e.g. %s)", llm_path, len(unexpected), unexpected[:3])
+    copy_state_into(llm, _LazyState(files, expected), build)
+    build.built(llm)
+    log.info("loaded LLM %s (%s, attention=%s) into partitioned parameters", llm_path, dtype, attn_impl)
     return llm
 
 

@@ -14,6 +14,8 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from mgpt4_dist.models.build import LocalBuild, copy_state_into
+
 log = logging.getLogger(__name__)
 
 
@@ -21,12 +23,19 @@ class CheckpointMismatchError(ValueError):
     """A weight file that does not fit the configured model."""
 
 
-def read_weights(path: str) -> dict:
+def read_weights(path: str, mmap: bool = False) -> dict:
+    """`mmap=True` maps the file instead of reading it: ranks of one node then share its pages."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # pre-1.6 (non-zip) files cannot be mapped
+                if "mmap" not in str(e):
+                    raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"weight file not found: {path}") from None
@@ -35,13 +44,15 @@ def read_weights(path: str) -> dict:
 
 
 def load_strict(module: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str,
-                hint: Optional[Callable[[str, tuple, tuple], str]] = None) -> None:
+                hint: Optional[Callable[[str, tuple, tuple], str]] = None, build: Optional[LocalBuild] = None) -> None:
     """Copy `state` into `module`, requiring exactly the module's keys with matching shapes."""
-    expected = module.state_dict()
+    build = build or LocalBuild()
+    # Shapes come from the build: a partitioned parameter's own tensor is an empty placeholder.
+    expected = {k: build.full_shape(v) for k, v in module.state_dict(keep_vars=True).items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [(k, tuple(expected[k].shape), tuple(state[k].shape))
-                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    mismatched = [(k, expected[k], tuple(state[k].shape))
+                  for k in expected if k in state and tuple(state[k].shape) != expected[k]]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
@@ -52,7 +63,7 @@ def load_strict(module: nn.Module, state: Dict[str, torch.Tensor], path: str, wh
         problems.append(f"{key} has shape {list(got)} but the model expects {list(want)}{extra}")
     if problems:
         raise CheckpointMismatchError(f"{path} does not fit the configured {what}: " + "; ".join(problems))
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    copy_state_into(module, state, build)
 
 
 # --------------------------------------------------------------------------- EVA ViT
@@ -60,13 +71,14 @@ def load_strict(module: nn.Module, state: Dict[str, torch.Tensor], path: str, wh
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
 
-def load_vit_checkpoint(vit: nn.Module, path: str) -> None:
+def load_vit_checkpoint(vit: nn.Module, path: str, build: Optional[LocalBuild] = None) -> None:
     """`eva_vit_g.pth`: a flat state dict whose keys map 1:1 onto timm's Eva.
 
     The file holds 40 blocks; MiniGPT-4 uses the first `model.vit.depth` (39). The extra blocks
     are reported and ignored.
     """
-    state = read_weights(path)
+    build = build or LocalBuild()
+    state = read_weights(path, mmap=build.sharded)
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     depth = vit.cfg.depth
@@ -75,14 +87,14 @@ def load_vit_checkpoint(vit: nn.Module, path: str) -> None:
         log.info("%s: ignoring blocks %s (model.vit.depth=%d)", path, extra_blocks, depth)
     state = {k: v for k, v in state.items() if not ((m := _BLOCK_KEY.match(k)) and int(m.group(1)) >= depth)}
 
-    state = interpolate_pos_embed(state, vit.eva.pos_embed.shape[1], path)
+    state = interpolate_pos_embed(state, build.full_shape(vit.eva.pos_embed)[1], path)
 
     def hint(key: str, want: tuple, got: tuple) -> str:
         if key == "pos_embed":
             return "the checkpoint was made for another image size or patch size (model.vit.img_size/patch_size)"
         return "the checkpoint is for another ViT width (model.vit.embed_dim / mlp_ratio)"
 
-    load_strict(vit.eva, state, path, "EVA ViT", hint)
+    load_strict(vit.eva, state, path, "EVA ViT", hint, build)
 
 
 def interpolate_pos_embed(state: dict, num_positions: int, path: str) -> dict:
@@ -135,9 +147,9 @@ def qformer_state_from_blip2(state: Dict[str, torch.Tensor]) -> tuple[dict, list
     return ours, skipped
 
 
-def load_qformer_checkpoint(qformer: nn.Module, path: str) -> None:
+def load_qformer_checkpoint(qformer: nn.Module, path: str, build: Optional[LocalBuild] = None) -> None:
     """`blip2_pretrained*.pth`: `{'model': {...}}` with query_tokens, ln_vision, Qformer.bert.*."""
-    raw = read_weights(path)
+    raw = read_weights(path, mmap=bool(build and build.sharded))
     state = raw["model"] if isinstance(raw.get("model"), dict) else raw
     ours, skipped = qformer_state_from_blip2(state)
     if skipped:
@@ -151,7 +163,7 @@ def load_qformer_checkpoint(qformer: nn.Module, path: str) -> None:
             return "another number of query tokens (model.qformer.num_query_tokens)"
         return "another Q-Former size (model.qformer.*)"
 
-    load_strict(qformer, ours, path, "Q-Former", hint)
+    load_strict(qformer, ours, path, "Q-Former", hint, build)
 
 
 # --------------------------------------------------------------------------- llama_proj
@@ -168,17 +180,17 @@ def proj_state_from_file(state: dict) -> Dict[str, torch.Tensor]:
     return {}
 
 
-def load_ln_vision_from_proj_checkpoint(ln_vision: nn.LayerNorm, path: str) -> None:
+def load_ln_vision_from_proj_checkpoint(ln_vision: nn.LayerNorm, path: str, build: Optional[LocalBuild] = None) -> None:
     """The Llama-2 variant's ln_vision comes from the MiniGPT-4 file when it carries `ln_vision.*`,
     else it keeps its default init (weight 1, bias 0), as in the original."""
     raw = read_weights(path)
     state = raw["model"] if isinstance(raw.get("model"), dict) else raw
     norm = {k[len("ln_vision."):]: v for k, v in state.items() if k.startswith("ln_vision.")}
     if norm:
-        load_strict(ln_vision, norm, path, "ln_vision")
+        load_strict(ln_vision, norm, path, "ln_vision", build=build)
 
 
-def load_proj_checkpoint(proj: nn.Linear, path: str) -> None:
+def load_proj_checkpoint(proj: nn.Linear, path: str, build: Optional[LocalBuild] = None) -> None:
     """llama_proj from a MiniGPT-4 file (or our own exported/consolidated one)."""
     found = proj_state_from_file(read_weights(path))
     if not found:
@@ -193,4 +205,4 @@ def load_proj_checkpoint(proj: nn.Linear, path: str) -> None:
             return "the checkpoint was made for another visual feature width (Q-Former vs Llama-2 variant)"
         return "another projection shape"
 
-    load_strict(proj, found, path, "llama_proj", hint)
+    load_strict(proj, found, path, "llama_proj", hint, build)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpt4_dist.config import ModelConfig
+from mgpt4_dist.models.build import LocalBuild, copy_state_into
 from mgpt4_dist.models.llm import choose_attn_impl, load_llm
 from mgpt4_dist.models.qformer import QFormer
 from mgpt4_dist.models.sequence import IGNORE_INDEX, TextBatch
@@ -122,8 +123,12 @@ def compute_vision_features(visual_encoder: EvaViT, qformer: Optional[QFormer], 
                             images_BCHW: torch.Tensor) -> torch.Tensor:
     # The towers are frozen: no autograd graph, so no activations are kept for them.
     with torch.no_grad():
-        dtype = next(visual_encoder.parameters()).dtype
-        image_tokens_BND = visual_encoder(images_BCHW.to(dtype))
+        vit_dtype = next(visual_encoder.parameters()).dtype
+        image_tokens_BND = visual_encoder(images_BCHW.to(vit_dtype))
+        # The ViT may run in its own precision (model.vit_precision); what follows it runs in its own
+        # dtype, ln_vision included (the original's ln_vision normalises in fp32 whatever the ViT ran in).
+        after = qformer if qformer is not None else ln_vision
+        image_tokens_BND = image_tokens_BND.to(next(after.parameters()).dtype)
         if qformer is not None:
             return qformer(image_tokens_BND)
         patches_BND = ln_vision(image_tokens_BND)[:, 1:, :]
@@ -131,23 +136,42 @@ def compute_vision_features(visual_encoder: EvaViT, qformer: Optional[QFormer], 
         return patches_BND.reshape(B, N // PATCHES_PER_TOKEN, D * PATCHES_PER_TOKEN)
 
 
-def build_vision_towers(cfg: ModelConfig, *, seed: int) -> tuple[EvaViT, Optional[QFormer], Optional[nn.LayerNorm]]:
-    """ViT + (Q-Former | ln_vision of the Llama-2 variant), weights loaded, seeded part by part."""
+VIT_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def vit_dtype(cfg: ModelConfig, train_dtype: torch.dtype) -> torch.dtype:
+    """The frozen ViT's dtype: model.vit_precision, or the training precision for `train`."""
+    return train_dtype if cfg.vit_precision == "train" else VIT_PRECISION_DTYPES[cfg.vit_precision]
+
+
+def build_vision_towers(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32,
+                        build: Optional[LocalBuild] = None) -> tuple[EvaViT, Optional[QFormer], Optional[nn.LayerNorm]]:
+    """ViT + (Q-Former | ln_vision of the Llama-2 variant), weights loaded, seeded part by part.
+
+    The ViT is built in `vit_dtype(cfg, dtype)`, the rest in `dtype`. A plain build creates fp32
+    and casts after loading, so random parts draw the same numbers whatever the dtype."""
     from mgpt4_dist.models import loading
 
+    build = build or LocalBuild()
+    plain = not build.sharded
     torch.manual_seed(seed)
-    vit = EvaViT(cfg.vit)
+    with build.construct(torch.float32 if plain else vit_dtype(cfg, dtype)):
+        vit = EvaViT(cfg.vit)
     torch.manual_seed(seed + 1)
-    qformer = QFormer(cfg.qformer, vision_width=cfg.vit.embed_dim, ln_vision_eps=cfg.ln_vision_eps) if cfg.has_qformer else None
-    ln_vision = None if cfg.has_qformer else nn.LayerNorm(cfg.vit.embed_dim, eps=cfg.ln_vision_eps)
+    with build.construct(torch.float32 if plain else dtype):
+        qformer = QFormer(cfg.qformer, vision_width=cfg.vit.embed_dim, ln_vision_eps=cfg.ln_vision_eps) if cfg.has_qformer else None
+        ln_vision = None if cfg.has_qformer else nn.LayerNorm(cfg.vit.embed_dim, eps=cfg.ln_vision_eps)
+    for module in (vit, qformer, ln_vision):
+        if module is not None:
+            build.built(module)
     if cfg.vit_checkpoint:
-        loading.load_vit_checkpoint(vit, cfg.vit_checkpoint)
+        loading.load_vit_checkpoint(vit, cfg.vit_checkpoint, build)
     if cfg.qformer_checkpoint:
         if qformer is None:
             raise ValueError("model.qformer_checkpoint is set but model.has_qformer=false (the Llama-2 variant has no Q-Former)")
-        loading.load_qformer_checkpoint(qformer, cfg.qformer_checkpoint)
+        loading.load_qformer_checkpoint(qformer, cfg.qformer_checkpoint, build)
     if ln_vision is not None and cfg.proj_checkpoint:
-        loading.load_ln_vision_from_proj_checkpoint(ln_vision, cfg.proj_checkpoint)
+        loading.load_ln_vision_from_proj_checkpoint(ln_vision, cfg.proj_checkpoint, build)
     for module in (vit, qformer, ln_vision):
         if module is not None:  # frozen towers never train: no dropout
             module.eval().requires_grad_(False)
@@ -157,26 +181,45 @@ def build_vision_towers(cfg: ModelConfig, *, seed: int) -> tuple[EvaViT, Optiona
 # --------------------------------------------------------------------------- building and freezing
 
 def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32,
-                   device_type: str = "cpu") -> MiniGPT4:
+                   device_type: str = "cpu", build: Optional[LocalBuild] = None) -> MiniGPT4:
     """Build the model, load every configured weight file, and freeze all but llama_proj.
 
     Random parts are seeded from `seed` part by part, so every rank, backend and world size
-    starts from identical weights.
+    starts from identical weights. `build` decides how parameters are created (whole, or
+    partitioned as they are created: see `mgpt4_dist.models.build`).
     """
     from mgpt4_dist.models import loading
 
-    vit, qformer, ln_vision = build_vision_towers(cfg, seed=seed)
-    llm = load_llm(cfg.llm_path, dtype=dtype, attn_impl=choose_attn_impl(cfg.attn_impl, device_type))
-    torch.manual_seed(seed + 2)
-    model = MiniGPT4(vit, qformer, llm, ln_vision=ln_vision)
+    build = build or LocalBuild()
+    vit, qformer, ln_vision = build_vision_towers(cfg, seed=seed, dtype=dtype, build=build)
+    llm = load_llm(cfg.llm_path, dtype=dtype, attn_impl=choose_attn_impl(cfg.attn_impl, device_type), build=build)
+    with build.construct(torch.float32 if not build.sharded else dtype):
+        model = MiniGPT4(vit, qformer, llm, ln_vision=ln_vision)
     if cfg.proj_checkpoint:
-        loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint)
-    model.to(dtype)
+        loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint, build)
+    else:
+        init_llama_proj(model.llama_proj, seed + 2, build)
+    if not build.sharded:
+        model.to(dtype)
+        model.visual_encoder.to(vit_dtype(cfg, dtype))
+    build.built(model)
     apply_freezing(model)
     log.info("attention: LLM %s, ViT %s, Q-Former %s", llm.config._attn_implementation,
              "sdpa" if getattr(vit.eva.blocks[0].attn, "fused_attn", False) else "eager",
              qformer.bert.config._attn_implementation if qformer is not None else "-")
     return model
+
+
+def init_llama_proj(proj: nn.Linear, seed: int, build: LocalBuild) -> None:
+    """nn.Linear's default init drawn in fp32 from `seed`, then written in the parameter's dtype:
+    the same numbers whether the layer was created whole or partitioned, in fp32 or not."""
+    generator = torch.Generator().manual_seed(seed)
+    out_features, in_features = build.full_shape(proj.weight)
+    weight = torch.empty(out_features, in_features)
+    nn.init.kaiming_uniform_(weight, a=5 ** 0.5, generator=generator)
+    bound = 1 / in_features ** 0.5
+    bias = torch.empty(out_features).uniform_(-bound, bound, generator=generator)
+    copy_state_into(proj, {"weight": weight, "bias": bias}, build)
 
 
 def apply_freezing(model: MiniGPT4) -> None:
@@ -191,12 +234,14 @@ def audit_trainable(model: nn.Module) -> dict:
     trainable, frozen, wrong = 0, 0, []
     for name, param in model.named_parameters():
         clean = name.removeprefix("module.")
+        # A ZeRO-3 partitioned parameter holds an empty placeholder; ds_numel is its full size.
+        numel = getattr(param, "ds_numel", param.numel())
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += numel
             if not clean.startswith(TRAINABLE_PREFIXES):
                 wrong.append(clean)
         else:
-            frozen += param.numel()
+            frozen += numel
             if clean.startswith(TRAINABLE_PREFIXES):
                 wrong.append(clean + " (frozen but should train)")
     if wrong or trainable == 0:

@@ -12,7 +12,7 @@ from torch import nn
 
 from mgpt4_dist.config import JobConfig
 from mgpt4_dist.optim import build_optimizer, build_scheduler
-from mgpt4_dist.parallel.engine import Engine
+from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ def derive_ds_config(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> 
                   "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = cfg.parallel.zero_stage
+    if cfg.parallel.zero_stage == 3:
+        # Otherwise zero.Init swaps torch.nn.functional.linear, process-wide and for good, for
+        # DeepSpeed's own autograd function, so every Linear in the process (inference helpers,
+        # tests) would run through it. ZeRO-3's module hooks already re-gather the frozen weights
+        # for the backward pass, which is all this run needs.
+        zero.setdefault("memory_efficient_linear", False)
     if cfg.parallel.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.parallel.offload == "optimizer+params":
@@ -76,6 +82,19 @@ class DeepSpeedEngine(Engine):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         self.module = self.engine.module
+        self._restore_vit_dtype(cfg)
+
+    def _restore_vit_dtype(self, cfg: JobConfig) -> None:
+        """DeepSpeed casts every parameter of a whole (not zero.Init-built) model to bf16/fp16 at
+        initialize; the frozen ViT goes back to model.vit_precision. It is outside the optimizer, so
+        nothing else holds a copy. (ZeRO-3 without zero.Init and its own ViT dtype is refused by
+        the config check: its parameters are partitioned by then.)"""
+        from mgpt4_dist.models.minigpt4 import vit_dtype
+
+        want = vit_dtype(cfg.model, PRECISION_DTYPES[cfg.train.precision])
+        for p in self.module.visual_encoder.parameters():
+            if p.dtype != want and not hasattr(p, "ds_id"):
+                p.data = p.data.to(want)
 
     def backend_config(self) -> Optional[tuple[str, dict]]:
         return "ds_config.json", self.ds_config
@@ -117,3 +136,64 @@ class DeepSpeedEngine(Engine):
         path, _ = self.engine.load_checkpoint(ckpt_root, tag=tag, load_module_strict=False)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint at {os.path.join(ckpt_root, tag)}")
+
+    def load_full_state(self, weights: dict, moments: dict, adam_step: Optional[int], scheduler_state: Optional[dict],
+                        counters: dict) -> None:
+        """Any ZeRO stage: through DeepSpeed's tensor-fragment API (`safe_set_full_fp32_param`,
+        `safe_set_full_optimizer_state`), which maps a full tensor onto this rank's partition."""
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+        if self.cfg.parallel.zero_stage == 0:
+            raise NotImplementedError(
+                "a resharded resume into ZeRO-0 is not supported (it has no fp32 partitions to write into): resume "
+                "with parallel.zero_stage=1, 2 or 3, or on the checkpoint's own backend, ZeRO stage and world size")
+        ds = self.engine
+        base = ds.optimizer.optimizer  # the torch AdamW over this rank's fp32 partitions
+        # Adam creates its state lazily: create it to fill it. ZeRO-3 swaps its flat fp32 partitions
+        # into the param groups only during a step, so they are listed separately.
+        flat_params = list(getattr(ds.optimizer, "fp32_partitioned_groups_flat", None) or
+                           [p for group in base.param_groups for p in group["params"]])
+        for p in flat_params:
+            st = base.state[p]
+            for kind in moments:
+                st.setdefault(kind, torch.zeros_like(p, memory_format=torch.preserve_format))
+            st["step"] = torch.tensor(float(adam_step or 0))
+        if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the state just made
+            ds.optimizer._hp_optimizer_states_linked = False
+            ds.optimizer._lazy_init_hp_params_optimizer_state()
+        params = dict(self.module.named_parameters())
+        for name, value in weights.items():
+            safe_set_full_fp32_param(params[name], value)
+            for kind in moments:
+                safe_set_full_optimizer_state(params[name], moments[kind][name], kind)
+        # The bit16 / module copy of the weights follows the fp32 master.
+        for name, value in weights.items():
+            p = params[name]
+            if hasattr(p, "ds_id"):  # ZeRO-3: gather, set on every rank, re-partition (collective)
+                from deepspeed.runtime.zero import GatheredParameters
+
+                with GatheredParameters([p], modifier_rank=0):
+                    p.data.copy_(value.to(p.dtype))
+            else:
+                p.data.copy_(value.to(p.dtype))
+        if scheduler_state is not None and ds.lr_scheduler is not None:
+            ds.lr_scheduler.load_state_dict(scheduler_state)
+            for group, lr in zip(base.param_groups, ds.lr_scheduler.get_last_lr()):
+                group["lr"] = lr  # a normal resume gets it from the optimizer's saved param groups
+        ds.global_steps = int(counters.get("global_steps", 0))
+        # An FSDP checkpoint does not count samples; every step consumed one global batch.
+        ds.global_samples = int(counters.get("global_samples") or ds.global_steps * ds.train_batch_size())
+        ds.skipped_steps = int(counters.get("skipped_steps", 0))
+        scaler = getattr(ds.optimizer, "loss_scaler", None)
+        if counters.get("loss_scale") is not None and getattr(ds.optimizer, "dynamic_loss_scale", False) and scaler:
+            scaler.cur_scale = float(counters["loss_scale"])
+        # Read back: the new partitions must hold exactly the saved tensors.
+        for name, value in weights.items():
+            got = safe_get_full_fp32_param(params[name])
+            if got is None or not torch.equal(got.cpu().float(), value):
+                raise RuntimeError(f"resharded resume: {name} did not round-trip into the engine")
+            for kind in moments:
+                got = safe_get_full_optimizer_state(params[name], kind)
+                if got is None or not torch.equal(got.cpu().float(), moments[kind][name]):
+                    raise RuntimeError(f"resharded resume: {kind} of {name} did not round-trip into the engine")

@@ -2,16 +2,23 @@
 
 Build order (fixed, for every backend; the one place it is written down):
   1. build the model on every rank from the same seed, load original weight files, freeze
-     (`build_minigpt4`, in the training precision; llama_proj is seeded identically everywhere);
+     (`build_minigpt4`, in the training precision, the frozen ViT in `model.vit_precision`;
+     llama_proj is drawn in fp32 from the seed identically everywhere). At ZeRO-3 with
+     `parallel.zero_init` (default) the build runs under `deepspeed.zero.Init`
+     (`parallel/zero_init.py`): each parameter is partitioned as it is created and the weight
+     files are written one module at a time under `GatheredParameters` (rank 0 reads the values),
+     so no rank ever holds the whole model; otherwise every rank builds it whole;
   2. audit the trainable set (llama_proj only);
   3. apply activation checkpointing to the LLM decoder layers if `parallel.activation_checkpointing`
      (`apply_activation_checkpointing`; the frozen towers run under no_grad and keep no activations);
   4. wrap with the backend, which shards and casts:
        deepspeed: ZeRO-0/1/2 shard optimizer state (and grads); ZeRO-3 also partitions every
-                  parameter, frozen ones included, at `deepspeed.initialize`; offload moves
-                  optimizer state (and parameters) to CPU;
+                  parameter, frozen ones included (at step 1 with zero.Init, else at
+                  `deepspeed.initialize`); offload moves optimizer state (and parameters) to CPU;
+                  a ViT in its own dtype is cast back after initialize casts the whole model;
        fsdp:      `fully_shard` per ViT block, Q-Former layer and LLM layer, llama_proj (fp32 master)
-                  and the root; `MixedPrecisionPolicy` (compute in the precision, reduce in fp32);
+                  and the root; `MixedPrecisionPolicy` (compute in the precision, reduce in fp32),
+                  so `model.vit_precision` other than the training precision is refused;
   5. load a checkpoint if resuming (done by the trainer through `Engine.load`).
 """
 from __future__ import annotations
@@ -59,7 +66,20 @@ class Engine(abc.ABC):
         """Write the trainable state (weights, optimizer, scheduler, scaler) to ckpt_root/tag."""
 
     @abc.abstractmethod
-    def load(self, ckpt_root: str, tag: str) -> None: ...
+    def load(self, ckpt_root: str, tag: str) -> None:
+        """Read a checkpoint this backend wrote with the same world size (and ZeRO stage)."""
+
+    @abc.abstractmethod
+    def load_full_state(self, weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]],
+                        adam_step: Optional[int], scheduler_state: Optional[dict], counters: dict) -> None:
+        """Collective. Put full (unsharded) fp32 state, as read from a checkpoint of any backend and
+        layout, into this engine's shards, then read it back and raise unless it round-tripped exactly.
+
+        weights: {name: fp32 tensor} of every trainable parameter; moments: {"exp_avg" | "exp_avg_sq":
+        {name: tensor}}; adam_step: AdamW's step counter; scheduler_state: the lr schedule's
+        state_dict (without its config); counters: global_steps, skipped_steps, loss_scale (the fp16
+        dynamic loss scale or None) and optionally global_samples.
+        """
 
     def backend_config(self) -> Optional[tuple[str, dict]]:
         """(file name, content) of the backend's resolved config, written beside the run."""

@@ -12,6 +12,8 @@ skipped (no optimizer or schedule step) and counted.
 
 Checkpoints: `torch.distributed.checkpoint` of llama_proj + AdamW state into `ckpt_root/tag/`
 (frozen weights excluded), plus `engine_state.pt` (schedule, loss scale, counters) from rank 0.
+`load` reads them back on the same world size; `load_full_state` takes full tensors from a
+checkpoint of any backend or world size (`mgpt4_dist.checkpoint` reads them) and shards them.
 """
 from __future__ import annotations
 
@@ -197,6 +199,51 @@ class FSDPEngine(Engine):
         if self.scaler is not None and extra["scaler"] is not None:
             self.scaler.load_state_dict(extra["scaler"])
         self.global_steps, self._skipped, self.micro = extra["global_steps"], extra["skipped_steps"], extra["micro"]
+
+    def load_full_state(self, weights: dict, moments: dict, adam_step: Optional[int], scheduler_state: Optional[dict],
+                        counters: dict) -> None:
+        """Full tensors → this rank's DTensor shards (`distribute_tensor` with `src_data_rank=None`: every
+        rank read the same full tensor from disk, so each cuts its own shard without communication)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        if set(params) != set(weights):
+            raise RuntimeError(f"resharded resume: the checkpoint holds {sorted(weights)}, the model trains "
+                               f"{sorted(params)}")
+
+        def shard(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+            full = full.to(device=p.device, dtype=p.dtype)
+            if isinstance(p, DTensor):
+                return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+            return full
+
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(shard(p, weights[name]))
+                # AdamW creates its state on the first step only when a parameter has none; a filled
+                # state (step + both moments, the keys AdamW's non-amsgrad path reads) is used as is.
+                state = self.optimizer.state[p]
+                state.clear()
+                state["step"] = torch.tensor(float(adam_step or 0), dtype=torch.float32)
+                for kind in moments:
+                    state[kind] = shard(p, moments[kind][name]).clone()
+        if scheduler_state is not None:
+            self.scheduler.load_state_dict(scheduler_state)
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+        self.global_steps = int(counters.get("global_steps", 0))
+        self._skipped = int(counters.get("skipped_steps", 0))
+        self.micro = self.global_steps * self.accum
+        if self.scaler is not None and counters.get("loss_scale") is not None:
+            self.scaler.scale, self.scaler.good_steps = float(counters["loss_scale"]), 0
+        # Read back through the shards (collective, same order on every rank).
+        for name, p in params.items():
+            state = self.optimizer.state[p]
+            for kind, got, want in [("weights", p, weights[name])] + [(k, state.get(k), moments[k][name])
+                                                                        for k in moments]:
+                full = got.full_tensor() if isinstance(got, DTensor) else got
+                if full is None or not torch.equal(full.detach().cpu().float(), want):
+                    raise RuntimeError(f"resharded resume: {kind} of {name} did not round-trip into the engine")
 
     def trainable_state_dict(self) -> dict:
         out = {}

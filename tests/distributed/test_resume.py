@@ -1,11 +1,12 @@
-"""Checkpoint lifecycle with real processes: kill -9 mid-save, resume on another world size or ZeRO
-stage, and a checkpoint for another model refused before training."""
+"""Checkpoint lifecycle with real processes: kill -9 mid-save, resume on another world size, ZeRO
+stage or backend (DeepSpeed <-> FSDP2), and a checkpoint for another model refused before training."""
 import os
 import signal
 import subprocess
 import time
 
 import pytest
+import torch
 
 from conftest import BIN, REPO, TINY_STAGE1, free_port, read_metrics
 
@@ -73,22 +74,97 @@ def resume_copy(src, dst):
     return dst
 
 
-def test_resume_two_ranks_on_one_keeps_state_and_global_batch(two_rank_checkpoint, tiny_assets, run_train,
-                                                              tmp_path):
+RESHARDED = "resharded resume: 2 tensors, their Adam moments (step 3) and the lr schedule restored and verified"
+
+
+@pytest.fixture(scope="module")
+def fsdp_two_rank_checkpoint(tiny_assets, run_train, tmp_path_factory):
+    """`two_rank_checkpoint` made by the FSDP2 engine."""
+    run_dir = str(tmp_path_factory.mktemp("fsdp_two_rank") / "run")
+    run_train(common(tiny_assets, "train.max_steps=5", "train.stop_at_step=3", "train.global_batch_size=16",
+                     "parallel.backend=fsdp", f"run_dir={run_dir}"), launcher="torchrun")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def resume_on_one_rank(tiny_assets, run_train, tmp_path_factory):
+    """(checkpointed run, ZeRO stage) -> (stdout, metrics, run dir) of its resume on one DeepSpeed rank;
+    each combination runs once per module, whichever test asks first."""
+    done = {}
+
+    def resume(src, stage):
+        if (src, stage) not in done:
+            run_dir = resume_copy(src, str(tmp_path_factory.mktemp(f"one_rank_zero{stage}") / "run"))
+            proc = run_train(common(tiny_assets, "train.max_steps=5", "train.global_batch_size=16",
+                                    f"parallel.zero_stage={stage}", f"run_dir={run_dir}"), launcher="none")
+            done[src, stage] = proc.stdout, read_metrics(run_dir), run_dir
+        return done[src, stage]
+
+    return resume
+
+
+def final_weights(run_dir):
+    from mgpt4_dist.consolidate import read_checkpoint, resolve_step_dir
+
+    return read_checkpoint(resolve_step_dir(run_dir)).tensors("fp32")
+
+
+def test_resume_two_ranks_on_one_keeps_state_and_global_batch(two_rank_checkpoint, resume_on_one_rank):
     losses = {}
     for stage in (2, 3):
-        run_dir = resume_copy(two_rank_checkpoint, str(tmp_path / f"zero{stage}"))
-        proc = run_train(common(tiny_assets, "train.max_steps=5", "train.global_batch_size=16",
-                                f"parallel.zero_stage={stage}", f"run_dir={run_dir}"), launcher="none")
-        assert ("resharded resume: 2 tensors, their Adam moments (step 3) and the lr schedule restored and "
-                "verified") in proc.stdout
-        assert "micro batch 8 x accum 2 x 1 ranks = 16 per step" in proc.stdout
-        metrics = read_metrics(run_dir)
+        stdout, metrics, _ = resume_on_one_rank(two_rank_checkpoint, stage)
+        assert RESHARDED in stdout
+        assert "micro batch 8 x accum 2 x 1 ranks = 16 per step" in stdout
         assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
         assert metrics[3]["lr"] == pytest.approx(6.04e-4)  # the schedule continues, not restarts
         losses[stage] = [m["loss"] for m in metrics[3:]]
     # ZeRO-2 and ZeRO-3 on one rank start from the same weights, moments and data: same losses.
     assert losses[3] == pytest.approx(losses[2], rel=1e-6)
+
+
+def test_deepspeed_checkpoint_resumes_on_fsdp_like_an_uninterrupted_run(two_rank_checkpoint, tiny_assets,
+                                                                         run_train, tmp_path):
+    """ZeRO-2 -> FSDP2 on the same 2 ranks: the data streams are the same, so every rank continues its
+    own data position and RNG, and steps 4-5 are those of a ZeRO-2 run that never stopped.
+
+    Tolerances: the state crosses exactly (verified in the run); from there the engines differ only
+    in the order gradients are summed over 2 ranks (~1e-7 relative per step, see test_engines.py),
+    so 1e-5 relative on the loss and the 1e-5 absolute of test_engines.py on the final weights. Both
+    catch a resume that drops the Adam moments (measured: step-5 loss off by 2e-4 relative, weights
+    by 1.8e-3)."""
+    straight = str(tmp_path / "straight")
+    run_train(common(tiny_assets, "train.max_steps=5", "train.global_batch_size=16", f"run_dir={straight}"),
+              launcher="torchrun")
+    run_dir = resume_copy(two_rank_checkpoint, str(tmp_path / "on_fsdp"))
+    proc = run_train(common(tiny_assets, "train.max_steps=5", "train.global_batch_size=16", "parallel.backend=fsdp",
+                            f"run_dir={run_dir}"), launcher="torchrun")
+    assert "(deepspeed ZeRO-2), resuming on 2 ranks (fsdp)" in proc.stdout
+    assert RESHARDED in proc.stdout
+    metrics, ref = read_metrics(run_dir), read_metrics(straight)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["lr"] for m in metrics] == pytest.approx([m["lr"] for m in ref])  # the schedule continues
+    assert [m["loss"] for m in metrics[3:]] == pytest.approx([m["loss"] for m in ref[3:]], rel=1e-5)
+    got, want = final_weights(run_dir), final_weights(straight)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_fsdp_checkpoint_resumes_on_one_deepspeed_rank(fsdp_two_rank_checkpoint, two_rank_checkpoint,
+                                                       resume_on_one_rank):
+    """FSDP2 on 2 ranks -> DeepSpeed ZeRO-2 on 1: the FSDP reader, another world size and another engine.
+    The same resume of the ZeRO-2 checkpoint is the reference (same data rescaling, same engine; the two
+    checkpoints differ only by the engines' summation order): tolerances as above."""
+    stdout, metrics, run_dir = resume_on_one_rank(fsdp_two_rank_checkpoint, 2)
+    assert "written by 2 ranks (fsdp), resuming on 1 ranks (deepspeed ZeRO-2)" in stdout
+    assert RESHARDED in stdout
+    assert "micro batch 8 x accum 2 x 1 ranks = 16 per step" in stdout
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert metrics[3]["lr"] == pytest.approx(6.04e-4)
+    _, ref, ref_dir = resume_on_one_rank(two_rank_checkpoint, 2)
+    assert [m["loss"] for m in metrics[3:]] == pytest.approx([m["loss"] for m in ref[3:]], rel=1e-5)
+    got, want = final_weights(run_dir), final_weights(ref_dir)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-5, msg=name)
 
 
 def test_resume_one_rank_on_two(tiny_assets, run_train, tmp_path):

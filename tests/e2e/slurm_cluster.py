@@ -140,6 +140,19 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr}")
         return proc
 
+    def idle(self) -> bool:
+        """Every node idle: no job, and no job still being cleaned up."""
+        out = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False).stdout.split("\n")
+        return all(line.split()[1] == "idle" for line in out if line.strip())
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of slurmctld's log, for assertion messages (the logs go with the cluster)."""
+        try:
+            with open(os.path.join(self.root, "log", "slurmctld.log")) as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
     def sbatch(self, args: list[str], env: dict | None = None, cwd: str | None = None) -> int:
         out = self.run(["sbatch", "--parsable", *args], env=env or {}, cwd=cwd).stdout.strip()
         return int(out.split(";")[0])

@@ -1,5 +1,6 @@
-"""`mgpt4-consolidate` on real ZeRO-2 and ZeRO-3 runs: equal to DeepSpeed's zero_to_fp32, loadable
-by the inference loader and by the original-format readers; `--full` stands alone."""
+"""`mgpt4-consolidate` on real ZeRO-2, ZeRO-3 and FSDP2 runs: equal to DeepSpeed's zero_to_fp32 (resp.
+DCP's dcp_to_torch_save), loadable by the inference loader and by the original-format readers;
+`--full` stands alone."""
 import json
 import os
 import subprocess
@@ -69,6 +70,30 @@ def test_full_folder_loads_alone_and_matches(zero_run, tmp_path):
     torch.manual_seed(0)
     image = torch.randn(1, 3, 224, 224)
     assert torch.equal(a.model.encode_image(image), b.model.encode_image(image))
+
+
+def test_fsdp_checkpoint_consolidates_to_the_gathered_weights(tiny_assets, run_train, tmp_path):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run_dir = str(tmp_path / "run")
+    run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=2",
+               "data.num_workers=0", "parallel.backend=fsdp", "optim.lr=3e-3"], launcher="torchrun")
+    out = str(tmp_path / "out")
+    proc = consolidate(run_dir, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "config.yaml", "minigpt4.pth", "model.safetensors"]
+    # DCP's own converter gathers every rank's shards into one file: the independent reference.
+    step_dir = os.path.join(run_dir, "checkpoints", "step_00000002")
+    dcp_to_torch_save(step_dir, str(tmp_path / "ref.pt"))
+    ref = torch.load(str(tmp_path / "ref.pt"), weights_only=True)["model"]
+    got = load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(got) == sorted(ref) == ["llama_proj.bias", "llama_proj.weight"]
+    for name, tensor in got.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, ref[name]), name
+    original = torch.load(os.path.join(out, "minigpt4.pth"), weights_only=True)
+    assert all(torch.equal(original["model"][k], got[k]) for k in got)
+    assert json.load(open(os.path.join(out, "config.json")))["step"] == 2
 
 
 def test_bad_checkpoint_path_is_a_clear_error(tmp_path):

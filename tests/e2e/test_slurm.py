@@ -1,5 +1,6 @@
-"""slurm/stage1.sbatch and slurm/stage2.sbatch on a real Slurm cluster of two nodes on localhost:
-multi-node training, preemption + requeue with exact resume, fail-fast when a rank dies."""
+"""slurm/stage1.sbatch, stage1_deepspeed.sbatch and stage2.sbatch on a real Slurm cluster of two nodes
+on localhost: multi-node training (srun and DeepSpeed launcher), preemption + requeue with exact resume,
+fail-fast when a rank dies or hangs."""
 import os
 import re
 import signal
@@ -32,9 +33,10 @@ def cluster():
     c.stop()
 
 
-def submit(cluster, script, config, overrides, nodes=1):
+def submit(cluster, script, config, overrides, nodes=1, env=None):
     # The job uses the submitting shell's Python environment, as a user's would.
-    env = {"PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": EXT_DIR}
+    env = {"PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": EXT_DIR,
+           **(env or {})}
     return cluster.sbatch(["--nodes", str(nodes), "--output", os.devnull, os.path.join(REPO, "slurm", script),
                            config, *overrides], env=env, cwd=REPO)
 
@@ -76,19 +78,47 @@ def test_stage1_trains_on_two_nodes(cluster, tiny_assets, tmp_path):
     assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step_00000004"
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny_assets, tmp_path):
+def test_stage1_deepspeed_launcher_on_two_nodes(cluster, tiny_assets, tmp_path):
+    run_dir = str(tmp_path / "run")
+    t0 = time.time()
+    job = submit(cluster, "stage1_deepspeed.sbatch", TINY_STAGE1, [*tiny_assets["overrides"], f"run_dir={run_dir}",
+                 "train.max_steps=3", "train.log_every=1", "data.num_workers=0"], nodes=2)
+    info = cluster.wait_job(job, timeout=240)
+    log = job_log(run_dir, job)
+    print(f"stage1 deepspeed launcher 2 nodes: {time.time() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert open(os.path.join(run_dir, "slurm", f"hostfile_{job}")).read() == "node1 slots=1\nnode2 slots=1\n"
+    ranks = rank_lines(log)
+    assert sorted(ranks) == [0, 1] and ranks[0][0] == "node1" and ranks[1][0] == "node2", log
+    assert "(deepspeed launch)" in log and "world 2 (env launcher)" in log and "backend gloo" in log
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3]
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == "step_00000003"
+
+
+# The DeepSpeed variant also checks that its launchers survive the USR1 Slurm sends to every process.
+@pytest.mark.parametrize("script", ["stage1.sbatch", "stage1_deepspeed.sbatch"])
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny_assets, tmp_path, script):
     run_dir, max_steps = str(tmp_path / "run"), 30
     t0 = time.time()
-    job = submit(cluster, "stage1.sbatch", TINY_STAGE1, [*tiny_assets["overrides"], f"run_dir={run_dir}",
+    job = submit(cluster, script, TINY_STAGE1, [*tiny_assets["overrides"], f"run_dir={run_dir}",
                  f"train.max_steps={max_steps}", "train.log_every=1", "checkpoint.every_steps=1000",
                  "data.num_workers=0"], nodes=2)
     wait_for_step(run_dir, 2, timeout=180)
     # What the time limit does through --signal=B:USR1@120: signal the batch shell only.
     cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    # Slurm holds a requeued job for about two minutes (Reason=BeginTime); once its nodes are clean,
+    # release it, as an admin can.
+    deadline = time.time() + 180
+    while not ((info := cluster.job(job)).get("Restarts") == "1" and info["JobState"] == "PENDING"
+               and cluster.idle()):
+        assert time.time() < deadline and info["JobState"] in ("RUNNING", "COMPLETING", "REQUEUED", "PENDING"), \
+            (info, job_log(run_dir, job)[-4000:])
+        time.sleep(0.2)
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     info = cluster.wait_job(job, timeout=240, until=("COMPLETED", "FAILED", "CANCELLED"))
     log = job_log(run_dir, job)
-    print(f"preempt + requeue: {time.time() - t0:.1f}s")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-4000:]
+    print(f"preempt + requeue ({script}): {time.time() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-4000:], cluster.log_tail())
     assert "requeueing job" in log and "resumed from" in log, log[-4000:]
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == list(range(1, max_steps + 1)), steps  # no step repeated or lost
@@ -113,6 +143,35 @@ def test_job_fails_fast_when_a_rank_dies(cluster, tiny_assets, tmp_path):
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log[-4000:]
     assert info["Restarts"] == "0"  # a crash is not a preemption: no requeue
     assert took < 120, f"job took {took:.0f}s to end after a rank died"
+
+
+def test_job_fails_fast_when_a_rank_hangs(cluster, tiny_assets, tmp_path):
+    # Rank 1 stops answering without dying (MGPT4_TEST_HANG, read in dist.mark_step): only the collective
+    # timeout can end this job. Run through the DeepSpeed launcher variant, whose launchers must pass
+    # the failure on as well.
+    run_dir = str(tmp_path / "run")
+    job = submit(cluster, "stage1_deepspeed.sbatch", TINY_STAGE1, [
+        *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=100000", "train.log_every=1",
+        "checkpoint.every_steps=100000", "data.num_workers=0", "parallel.timeout_minutes=0.5"],
+        nodes=2, env={"MGPT4_TEST_HANG": "1:3"})
+    deadline = time.time() + 240
+    while "stops answering at step 3" not in job_log(run_dir, job):
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            job_log(run_dir, job)[-3000:]
+        time.sleep(0.1)
+    hung = time.time()
+    info = cluster.wait_job(job, timeout=150)
+    took = time.time() - hung
+    log = job_log(run_dir, job)
+    print(f"hung rank: job ended {took:.1f}s after rank 1 stopped answering (timeout 30s)")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", log[-4000:]
+    assert info["Restarts"] == "0"
+    node, pid = rank_lines(log)[1]
+    # The surviving rank names the one that stopped answering, with its node and pid.
+    assert re.search(rf"rank 0 on node1: a collective failed .*Stopped answering: rank 1 \(node {node}, "
+                     rf"host \S+, pid {pid}\) last started step 2", log), log[-4000:]
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
+    assert took < 120, f"job took {took:.0f}s to end after a rank hung"
 
 
 def test_stage2_on_one_node(cluster, tiny_assets, tmp_path):

@@ -113,3 +113,29 @@ def test_prompts_formatted_with_template(tmp_path):
     cfg = load_config(TINY, ["data.prompts=[no image here]"])
     with pytest.raises(ConfigError, match="ImageHere"):
         load_prompts(cfg.data)
+
+
+def test_vit_precision_choices_and_refused_combinations():
+    assert load_config(TINY).model.vit_precision == "train"
+    assert load_config(TINY).parallel.zero_init is True
+    assert load_config(TINY, ["model.vit_precision=fp16"]).model.vit_precision == "fp16"
+    with pytest.raises(ConfigError, match="model.vit_precision: 'fp8'"):
+        load_config(TINY, ["model.vit_precision=fp8"])
+    # FSDP computes every unit in train.precision: an own ViT dtype is refused with the fix named
+    with pytest.raises(ConfigError, match="set model.vit_precision=train or use parallel.backend=deepspeed"):
+        load_config(TINY, ["parallel.backend=fsdp", "model.vit_precision=bf16"])
+    load_config(TINY, ["parallel.backend=fsdp", "model.vit_precision=fp32"])  # = train.precision of the tiny config
+    with pytest.raises(ConfigError, match="needs parallel.zero_init=true"):
+        load_config(TINY, ["parallel.zero_stage=3", "parallel.zero_init=false", "train.precision=bf16",
+                           "model.vit_precision=fp16"])
+
+
+def test_original_vit_precision_is_imported():
+    from mgpt4_dist.import_config import import_original
+
+    report = import_original({"model": {"arch": "minigpt4"}, "run": {"amp": True}})
+    assert report.config.model.vit_precision == "fp16"  # the original's default, mapped, not ignored
+    assert ("model.vit_precision", "model.vit_precision", "fp16") in report.mapped
+    assert not any(src == "model.vit_precision" for src, _ in report.ignored)
+    report = import_original({"model": {"vit_precision": "fp32"}})
+    assert report.config.model.vit_precision == "fp32"

@@ -176,3 +176,39 @@ def test_old_llm_folder_with_inv_freq_loads_and_missing_tensors_fail(assets, tmp
     torch.save(with_buffers, old / "pytorch_model.bin")
     with pytest.raises(CheckpointMismatchError, match="missing 1 tensors.*up_proj"):
         load_llm(str(old), torch.float32)
+
+
+def test_vit_precision_runs_the_vit_in_its_dtype(assets):
+    """bf16 ViT under fp32 training: the ViT's weights are bf16, the rest fp32, and the loss stays
+    within 2 % (a bf16 mantissa step is 0.4 %) of the all-fp32 model's on the same batch."""
+    base = [f"model.llm_path={assets['llm']}", f"model.vit_checkpoint={assets['vit']}",
+            f"model.qformer_checkpoint={assets['qformer']}"]
+    fp32 = build_minigpt4(load_config(TINY, base).model, seed=0)
+    mixed = build_minigpt4(load_config(TINY, base + ["model.vit_precision=bf16"]).model, seed=0)
+    assert {p.dtype for p in mixed.visual_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for n, p in mixed.named_parameters() if not n.startswith("visual_encoder.")} == {torch.float32}
+    build = SequenceBuilder(load_tokenizer(assets["llm"]), fp32.num_image_tokens, 32, "\n")
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    text = build(["a red circle", "two blue squares"])
+    features = mixed.vision_features(images)
+    assert features.dtype == torch.float32  # cast to the Q-Former's dtype
+    ref = fp32.vision_features(images)
+    assert not torch.equal(features, ref)
+    torch.testing.assert_close(features, ref, rtol=0, atol=0.1 * ref.abs().max().item())
+    loss = mixed(images, text)
+    assert loss.item() == pytest.approx(fp32(images, text).item(), rel=2e-2)
+    loss.backward()
+    assert mixed.llama_proj.weight.grad is not None and mixed.llama_proj.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(mixed.llama_proj.weight, fp32.llama_proj.weight, rtol=0, atol=0)
+
+
+def test_llama_proj_init_is_nn_linear_default_from_the_seed():
+    from mgpt4_dist.models.build import LocalBuild
+    from mgpt4_dist.models.minigpt4 import init_llama_proj
+
+    torch.manual_seed(7)
+    ref = torch.nn.Linear(48, 16)
+    got = torch.nn.Linear(48, 16)
+    init_llama_proj(got, 7, LocalBuild())
+    torch.testing.assert_close(got.weight, ref.weight, rtol=0, atol=0)
+    torch.testing.assert_close(got.bias, ref.bias, rtol=0, atol=0)

@@ -39,3 +39,13 @@ def test_no_weight_decay_on_biases_and_frozen_excluded():
     assert [len(g["params"]) for g in groups] == [1, 2]  # linear weight | linear bias + norm bias
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_a_zero3_partitioned_weight_keeps_its_weight_decay():
+    proj = nn.Linear(4, 3)
+    # What zero.Init leaves in the module: an empty 1-D placeholder that remembers its real shape.
+    proj.weight.data = torch.empty(0)
+    proj.weight.ds_shape = torch.Size([3, 4])
+    decay, no_decay = param_groups(proj, 0.05)
+    assert decay["params"] == [proj.weight] and decay["weight_decay"] == 0.05
+    assert no_decay["params"] == [proj.bias] and no_decay["weight_decay"] == 0.0
