@@ -3,7 +3,7 @@
     python tools/bench_data.py [--samples 2000] [--image-size 384] [--write]
 
 The floor is the bare work every sample needs: PIL decode + square bicubic resize to 224 + CLIP
-normalization of the same JPEGs in a loop, on one core. The pipeline adds tar reading, caption
+normalization (per batch, as the pipeline does it) of the same JPEGs in a loop, on one thread. The pipeline adds tar reading, caption
 cleaning, batching and worker hand-off; per worker it should stay near the floor.
 """
 from __future__ import annotations
@@ -21,15 +21,22 @@ from bench_md import machine_line, write_section  # noqa: E402
 
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
 from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards
-from mgpt4_dist.data.transforms import build_image_transform, decode_image
+from mgpt4_dist.data.transforms import build_resize_transform, decode_image, normalize_images
 
 
-def floor(jpegs: list, image_size: int) -> float:
-    transform = build_image_transform(image_size)
-    start = time.perf_counter()
-    for data in jpegs:
-        transform(decode_image(data))
-    return len(jpegs) / (time.perf_counter() - start)
+def floor(jpegs: list, image_size: int, batch_size: int) -> float:
+    """The same arithmetic as the pipeline at its cheapest: decode + resize per image, CLIP
+    normalization per batch, one thread (DataLoader workers run torch single-threaded too)."""
+    resize = build_resize_transform(image_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(jpegs), batch_size):
+            normalize_images(torch.stack([resize(decode_image(data)) for data in jpegs[i:i + batch_size]]))
+        return len(jpegs) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pipeline(pattern: str, workers: int, batches: int, batch_size: int, image_size: int) -> float:
@@ -49,6 +56,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=384, help="side of the generated JPEGs")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--repeats", type=int, default=3, help="measure each row this many times, keep the best")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -56,17 +64,21 @@ def main() -> None:
         shards = write_shards(synthetic_samples(args.samples, seed=0, image_size=args.image_size), tmp,
                               samples_per_shard=250, progress=False)
         jpegs = [raw["jpg"] for raw in read_shard_samples(shards[0])]
-        floor_rate = floor(jpegs, 224)
+        # Best of --repeats for every row: the first passes pay for cold caches and clock ramp-up,
+        # and a shared machine only ever makes a rate lower.
+        floor_rate = max(floor(jpegs, 224, args.batch_size) for _ in range(args.repeats))
         rows = [f"| decode floor (1 core, no pipeline) | - | {floor_rate:.0f} | 100 % |"]
         batches = max(4, args.samples // args.batch_size // 2)
         for workers in args.workers:
-            rate = pipeline(os.path.join(tmp, "*.tar"), workers, batches, args.batch_size, 224)
+            rate = max(pipeline(os.path.join(tmp, "*.tar"), workers, batches, args.batch_size, 224)
+                       for _ in range(args.repeats))
             per_worker = rate / max(workers, 1)
             rows.append(f"| pipeline, {workers} DataLoader workers | {rate:.0f} | {per_worker:.0f} | "
                         f"{100 * per_worker / floor_rate:.0f} % |")
-    command = f"python tools/bench_data.py --samples {args.samples} --image-size {args.image_size} --write"
+    command = (f"python tools/bench_data.py --samples {args.samples} --image-size {args.image_size} "
+               f"--repeats {args.repeats} --write")
     body = (f"`{command}`\n\n{machine_line()}; {args.image_size}x{args.image_size} JPEGs resized to 224, "
-            f"batch {args.batch_size}.\n\n| what | samples/s | samples/s per worker | of the floor |\n"
+            f"batch {args.batch_size}, best of {args.repeats}.\n\n| what | samples/s | samples/s per worker | of the floor |\n"
             "| --- | --- | --- | --- |\n" + "\n".join(rows))
     print(body)
     if args.write:
