@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     lines = ["## Engines", "",
              f"`python tools/bench_engines.py --steps {args.steps} --micro {args.micro} --write`", "",
-             f"CPU ({os.cpu_count()} cores, shared), {platform.platform()}, Python {platform.python_version()}, "
+             f"CPU ({os.cpu_count()} cores), {platform.platform()}, Python {platform.python_version()}, "
              f"torch {torch.__version__}; 2 processes (gloo), fp32, small model (LLM 256x4, ViT 128x4, Q-Former "
              f"128x2), micro batch {args.micro} per rank; median step of steps 3-{args.steps}. Peak RSS is the "
              "largest rank's ru_maxrss (includes the Python/torch/DeepSpeed runtime).", "",
