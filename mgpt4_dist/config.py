@@ -133,6 +133,8 @@ class TrainConfig:
     log_every: int = 10
     # Consecutive micro-batches with a non-finite loss before the run aborts.
     max_nonfinite_in_row: int = 5
+    # torch.compile each ViT block, Q-Former layer and LLM decoder layer (refused at ZeRO-3).
+    compile: bool = False
 
 
 @dataclass
@@ -351,6 +353,9 @@ def validate(cfg: JobConfig) -> None:
         section, name = dotted.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{dotted} must be >= 1")
+    if cfg.train.compile and cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage == 3:
+        raise ConfigError("train.compile=true with ZeRO-3: its parameter-gathering hooks break the compiled "
+                          "blocks into pieces; use parallel.zero_stage<=2 or parallel.backend=fsdp, or compile=false")
     if cfg.data.group_by_length < 0:
         raise ConfigError("data.group_by_length must be >= 0 (batches per sorting window; 0 = off)")
     if cfg.train.stop_at_step < 0 or cfg.train.global_batch_size < 0:

@@ -68,10 +68,31 @@ def resolve_step_dir(path: str) -> str:
     return path
 
 
+def _ds_checkpoint_globals() -> list:
+    """The few non-tensor objects DeepSpeed (and our lr schedule) pickle into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from mgpt4_dist.config import OptimConfig
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, OptimConfig]
+
+
 def _load_ds_file(path: str, mmap: bool) -> dict:
-    # Our own DeepSpeed output (it pickles its config objects), read as DeepSpeed's zero_to_fp32
-    # reads it; never a user-supplied file (those go through weights_only loaders).
-    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+    """A DeepSpeed checkpoint file, unpickled with weights_only=True and an allowlist of the classes
+    DeepSpeed stores: a checkpoint folder handed to mgpt4-consolidate or checkpoint.resume may come
+    from anywhere, and an arbitrary pickle could run code."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_ds_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointFormatError(
+            f"{path}: holds pickled objects outside the DeepSpeed allowlist, refused without running them "
+            f"({str(e).splitlines()[-1] if str(e) else e}). If this is a DeepSpeed checkpoint you trust, the "
+            f"class named there belongs in consolidate._ds_checkpoint_globals") from e
 
 
 class DeepSpeedCheckpoint:

@@ -43,6 +43,7 @@ VARIANTS = {
     "zero3": ["parallel.zero_stage=3"],
     "fsdp": ["parallel.backend=fsdp"],
     "zero2-features": ["parallel.zero_stage=2", "data.features=true"],
+    "zero2-compile": ["parallel.zero_stage=2", "train.compile=true"],
 }
 
 

@@ -156,7 +156,8 @@ class ShardStream(IterableDataset):
         if self.group_by_length > 0:
             yield from self._grouped_batches(stream, position)
             return
-        position = {k: v for k, v in position.items() if k != "window_done"}  # grouping was switched off
+        if "window_done" in position:
+            position = _after_window(position, "data.group_by_length was switched off")
         window = []
         for sample in self.samples(stream, position):
             window.append(sample)
@@ -165,7 +166,11 @@ class ShardStream(IterableDataset):
                 window = []
 
     def _grouped_batches(self, stream: int, position: dict) -> Iterator[dict]:
-        window_start = {k: v for k, v in position.items() if k != "window_done"}
+        shape = [self.group_by_length, self.batch_size]
+        if "window_done" in position and position.get("window_shape") != shape:
+            position = _after_window(position, f"the grouping window changed from (batches, batch size) "
+                                                f"{position.get('window_shape')} to {shape}")
+        window_start = _window_start(position)
         done = int(position.get("window_done", 0))  # batches of this window consumed before a resume
         samples = self.samples(stream, window_start)
         size = self.group_by_length * self.batch_size
@@ -178,7 +183,10 @@ class ShardStream(IterableDataset):
             window_end = window[-1][3]
             for k in range(done, len(batches)):
                 last = k + 1 == len(batches)
-                pos = window_end if last else {**window_start, "window_done": k + 1}
+                # Inside a window: where it starts (to regroup it), how far it reaches (so a
+                # rescaled resume starts past it) and its shape (to notice a changed config).
+                pos = window_end if last else {**window_start, "window_done": k + 1, "window_shape": shape,
+                                               "window_end": _window_start(window_end)}
                 yield self._batch([window[i] for i in batches[k]], stream, pos)
             window_start, done = dict(window_end), 0
 
@@ -188,6 +196,19 @@ class ShardStream(IterableDataset):
             images = normalize_images(images)
         return {"images": images, "answers": [caption for _, caption, _, _ in samples],
                 "keys": [key for _, _, key, _ in samples], "stream": stream, "position": dict(position)}
+
+
+def _window_start(position: dict) -> dict:
+    return {k: v for k, v in position.items() if not k.startswith("window_")}
+
+
+def _after_window(position: dict, why: str) -> dict:
+    """A position inside a grouping window that can no longer be regrouped as it was: continue
+    after the window (its unconsumed rest is skipped, nothing is read twice)."""
+    end = position.get("window_end")
+    log.warning("%s since the checkpoint: the stream continues after its interrupted window; up to one "
+                "window of samples is skipped", why)
+    return _window_start(end) if end else _window_start(position)
 
 
 def length_grouped_batches(lengths: List[int], batch_size: int, rng: random.Random) -> List[List[int]]:
@@ -251,7 +272,8 @@ def rescale_data_state(old_states: List[dict], rank: int, world_size: int, num_w
     Bad-sample counts are summed into the new stream 0 of rank 0, so `skipped` stays cumulative.
     """
     workers = max(1, num_workers)
-    positions = [p for s in old_states for p in s.get("positions", {}).values()]
+    # A position inside a grouping window has already consumed samples up to the window's end.
+    positions = [p.get("window_end", p) for s in old_states for p in s.get("positions", {}).values()]
     skipped = sum(p.get("skipped", 0) for p in positions)
     if resample:
         start = {"epoch": 0, "index": 1 + max((p["index"] for p in positions), default=-1), "offset": 0}

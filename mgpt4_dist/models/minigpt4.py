@@ -200,14 +200,26 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
     else:
         init_llama_proj(model.llama_proj, seed + 2, build)
     if not build.sharded:
-        model.to(dtype)
-        model.visual_encoder.to(vit_dtype(cfg, dtype))
+        cast_parameters(model, dtype, vit_dtype(cfg, dtype))
     build.built(model)
     apply_freezing(model)
     log.info("attention: LLM %s, ViT %s, Q-Former %s", llm.config._attn_implementation,
              "sdpa" if getattr(vit.eva.blocks[0].attn, "fused_attn", False) else "eager",
              qformer.bert.config._attn_implementation if qformer is not None else "-")
     return model
+
+
+def cast_parameters(model: MiniGPT4, dtype: torch.dtype, vit_dt: torch.dtype) -> None:
+    """Parameters to `dtype`, the ViT (parameters and its zero k-bias buffers) straight to its own.
+
+    Straight, not via `dtype`: an fp16 ViT cast through bf16 would lose the mantissa bits bf16
+    lacks. Other buffers stay as built: the LLM's rotary `inv_freq` is fp32, as the original keeps
+    it, as DeepSpeed's own cast keeps it, and as the zero.Init build creates it."""
+    model.visual_encoder.to(vit_dt)
+    vit_params = {id(p) for p in model.visual_encoder.parameters()}
+    for p in model.parameters():
+        if id(p) not in vit_params and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def init_llama_proj(proj: nn.Linear, seed: int, build: LocalBuild) -> None:
@@ -247,3 +259,26 @@ def audit_trainable(model: nn.Module) -> dict:
     if wrong or trainable == 0:
         raise RuntimeError(f"trainable parameter set is not llama_proj only: {wrong[:5] or 'nothing trains'}")
     return {"trainable_params": trainable, "frozen_params": frozen}
+
+
+def transformer_blocks(model: MiniGPT4) -> list[nn.Module]:
+    """The repeated blocks of the three towers: ViT blocks, Q-Former layers, LLM decoder layers."""
+    blocks = list(model.visual_encoder.eva.blocks)
+    if model.qformer is not None:
+        blocks += list(model.qformer.bert.encoder.layer)
+    return blocks + list(model.llm.model.layers)
+
+
+def apply_compile(model: MiniGPT4) -> int:
+    """torch.compile every transformer block in place (`nn.Module.compile`).
+
+    Per block rather than the whole model: identical blocks share one compiled graph, parameter
+    names and module identities stay as they are (sharding and checkpoints see the same model),
+    and the data-dependent parts (image-slot scatter, scored-position gather) stay eager.
+    """
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.compile()
+    log.info("torch.compile: %d transformer blocks", len(blocks))
+    return len(blocks)
+

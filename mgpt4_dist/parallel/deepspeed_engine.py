@@ -78,23 +78,25 @@ class DeepSpeedEngine(Engine):
         optimizer = build_offload_optimizer(model, cfg) if cfg.parallel.offload != "none" else \
             build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        # initialize casts every parameter of a whole model to bf16/fp16: keep the ViT's own
+        # tensors to put back, rather than casting the rounded ones back (fp16 -> bf16 -> fp16 loses bits).
+        vit_tensors = [(p, p.data) for p in model.visual_encoder.parameters() if not hasattr(p, "ds_id")]
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         self.module = self.engine.module
-        self._restore_vit_dtype(cfg)
+        self._restore_vit(cfg, vit_tensors)
 
-    def _restore_vit_dtype(self, cfg: JobConfig) -> None:
-        """DeepSpeed casts every parameter of a whole (not zero.Init-built) model to bf16/fp16 at
-        initialize; the frozen ViT goes back to model.vit_precision. It is outside the optimizer, so
-        nothing else holds a copy. (ZeRO-3 without zero.Init and its own ViT dtype is refused by
-        the config check: its parameters are partitioned by then.)"""
+    def _restore_vit(self, cfg: JobConfig, vit_tensors: list) -> None:
+        """Put the frozen ViT's tensors (already in model.vit_precision) back after initialize cast
+        them. It is outside the optimizer, so nothing else holds a copy. (ZeRO-3 without zero.Init
+        and its own ViT dtype is refused by the config check: its parameters are partitioned by then.)"""
         from mgpt4_dist.models.minigpt4 import vit_dtype
 
         want = vit_dtype(cfg.model, PRECISION_DTYPES[cfg.train.precision])
-        for p in self.module.visual_encoder.parameters():
-            if p.dtype != want and not hasattr(p, "ds_id"):
-                p.data = p.data.to(want)
+        for p, data in vit_tensors:
+            if p.dtype != want and data.dtype == want:
+                p.data = data.to(p.device)
 
     def backend_config(self) -> Optional[tuple[str, dict]]:
         return "ds_config.json", self.ds_config

@@ -10,7 +10,9 @@ Build order (fixed, for every backend; the one place it is written down):
      so no rank ever holds the whole model; otherwise every rank builds it whole;
   2. audit the trainable set (llama_proj only);
   3. apply activation checkpointing to the LLM decoder layers if `parallel.activation_checkpointing`
-     (`apply_activation_checkpointing`; the frozen towers run under no_grad and keep no activations);
+     (`apply_activation_checkpointing`; the frozen towers run under no_grad and keep no activations),
+     then `torch.compile` each transformer block if `train.compile` (`apply_compile`; before
+     wrapping, so FSDP2 shards the compiled blocks and DeepSpeed hooks see the same modules);
   4. wrap with the backend, which shards and casts:
        deepspeed: ZeRO-0/1/2 shard optimizer state (and grads); ZeRO-3 also partitions every
                   parameter, frozen ones included (at step 1 with zero.Init, else at
@@ -103,6 +105,10 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_s
         from mgpt4_dist.models.llm import apply_activation_checkpointing
 
         apply_activation_checkpointing(model.llm)
+    if cfg.train.compile:
+        from mgpt4_dist.models.minigpt4 import apply_compile
+
+        apply_compile(model)
     if cfg.parallel.backend == "deepspeed":
         from mgpt4_dist.parallel.deepspeed_engine import DeepSpeedEngine
 

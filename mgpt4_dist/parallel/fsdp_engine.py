@@ -262,5 +262,5 @@ def read_fsdp_trainable(step_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "full.pt")
         dcp_to_torch_save(step_dir, out)
-        full = torch.load(out, weights_only=False)
+        full = torch.load(out, weights_only=True)
     return {k: v.float() for k, v in full["model"].items()}

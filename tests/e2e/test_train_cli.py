@@ -111,3 +111,20 @@ def test_stage2_from_a_stage1_projection_on_a_cc_sbu_align_folder(tiny_assets, r
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag="step_00000003")
     assert torch.equal(state["llama_proj.weight"], stage1["llama_proj.weight"])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tiny_assets, run_train, tmp_path):
+    """train.compile=true: the same fp32 losses as eager (inductor may reorder float sums, so not
+    asserted bitwise; on this CPU they came out identical)."""
+    losses = {}
+    for compiled in (False, True):
+        run_dir = str(tmp_path / f"compile_{compiled}")
+        proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=3",
+                          "train.log_every=1", "data.num_workers=0", f"train.compile={str(compiled).lower()}"],
+                         launcher="none")
+        assert ("torch.compile: 6 transformer blocks" in proc.stdout + proc.stderr) == compiled
+        losses[compiled] = [m["loss"] for m in read_metrics(run_dir)]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+

@@ -159,3 +159,26 @@ def test_read_checkpoint_picks_the_reader_from_meta(tmp_path):
     (step_dir / "meta.json").write_text(json.dumps({"backend": "ddp"}))
     with pytest.raises(CheckpointFormatError, match="deepspeed, fsdp"):
         read_checkpoint(str(step_dir))
+
+
+class _OpensAFile:
+    """A pickled object that would create a file when unpickled: what a hostile checkpoint can do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_with_foreign_pickled_objects_is_refused_unrun(tmp_path):
+    from mgpt4_dist.consolidate import CheckpointFormatError
+
+    marker = tmp_path / "ran"
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    torch.save({"param_shapes": [OrderedDict(w=torch.Size([2]))], "module": {}, "payload": _OpensAFile(str(marker))},
+               step / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointFormatError, match="outside the DeepSpeed allowlist"):
+        DeepSpeedCheckpoint(str(step))
+    assert not marker.exists()

@@ -202,6 +202,21 @@ def test_vit_precision_runs_the_vit_in_its_dtype(assets):
     torch.testing.assert_close(mixed.llama_proj.weight, fp32.llama_proj.weight, rtol=0, atol=0)
 
 
+def test_a_half_precision_build_casts_the_vit_straight_and_keeps_fp32_buffers(assets):
+    """fp16 ViT in a bf16 run: the ViT's weights are the fp32 ones cast once to fp16 (not via bf16,
+    which would drop mantissa bits), and the LLM's rotary inv_freq buffer stays fp32."""
+    base = [f"model.llm_path={assets['llm']}", f"model.vit_checkpoint={assets['vit']}",
+            f"model.qformer_checkpoint={assets['qformer']}"]
+    fp32 = build_minigpt4(load_config(TINY, base).model, seed=0)
+    mixed = build_minigpt4(load_config(TINY, base + ["model.vit_precision=fp16"]).model, seed=0, dtype=torch.bfloat16)
+    ref = dict(fp32.visual_encoder.named_parameters())
+    for name, p in mixed.visual_encoder.named_parameters():
+        assert p.dtype == torch.float16 and torch.equal(p, ref[name].to(torch.float16)), name
+    assert {p.dtype for n, p in mixed.named_parameters() if not n.startswith("visual_encoder.")} == {torch.bfloat16}
+    llm_float_buffers = [b for b in mixed.llm.buffers() if b.is_floating_point()]
+    assert llm_float_buffers and {b.dtype for b in llm_float_buffers} == {torch.float32}
+
+
 def test_llama_proj_init_is_nn_linear_default_from_the_seed():
     from mgpt4_dist.models.build import LocalBuild
     from mgpt4_dist.models.minigpt4 import init_llama_proj

@@ -107,6 +107,28 @@ def test_grouped_batches_of_a_pass_have_no_duplicates_or_gaps(shard_dir):
     assert len(keys) == 60 and len(set(keys)) == 60
 
 
+def test_a_changed_grouping_window_continues_after_the_old_one(shard_dir):
+    sources = resolve_sources([(os.path.join(shard_dir, "*.tar"), 1.0)])
+    first = loader(sources, resample=False, group=5)
+    consumed = [k for _ in range(2) for k in next(first)["keys"]]  # 2 of the window's 5 batches
+    state = json.loads(json.dumps(first.state_dict()))
+    window = {k for b in [first] for _ in range(3) for k in next(b)["keys"]} | set(consumed)
+    for group in (2, 0):  # another window size, or grouping switched off
+        resumed = loader(sources, resample=False, group=group, start=state)
+        later = [k for _ in range(3) for k in next(resumed)["keys"]]
+        assert not set(later) & window, group  # nothing of the interrupted window is read again
+
+
+def test_rescaled_streams_start_past_an_interrupted_window():
+    from mgpt4_dist.data.pipeline import rescale_data_state
+
+    inside = {"epoch": 0, "index": 3, "offset": 0, "skipped": 1, "window_done": 2, "window_shape": [5, 4],
+              "window_end": {"epoch": 0, "index": 5, "offset": 7, "skipped": 2}}
+    old = [{"positions": {"0": inside}, "batches": 2, "num_workers": 1, "world_size": 1}]
+    new = rescale_data_state(old, rank=0, world_size=2, num_workers=1, resample=True)
+    assert new["positions"]["0"] == {"epoch": 0, "index": 6, "offset": 0, "skipped": 2}
+
+
 def test_too_few_shards_for_distinct_splits_is_an_error(shard_dir):
     sources = resolve_sources([(os.path.join(shard_dir, "shard-00000[01].tar"), 1.0)])
     with pytest.raises(ValueError, match="resample=false needs at least"):
