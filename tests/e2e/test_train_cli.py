@@ -115,8 +115,8 @@ def test_stage2_from_a_stage1_projection_on_a_cc_sbu_align_folder(tiny_assets, r
 
 @pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tiny_assets, run_train, tmp_path):
-    """train.compile=true: the same fp32 losses as eager (inductor may reorder float sums, so not
-    asserted bitwise; on this CPU they came out identical)."""
+    """train.compile=true: the same fp32 losses as eager, on one process and with FSDP2 on two
+    (inductor may reorder float sums, so not asserted bitwise; on this CPU they came out identical)."""
     losses = {}
     for compiled in (False, True):
         run_dir = str(tmp_path / f"compile_{compiled}")
@@ -127,4 +127,13 @@ def test_compiled_blocks_train_like_eager(tiny_assets, run_train, tmp_path):
         losses[compiled] = [m["loss"] for m in read_metrics(run_dir)]
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    # FSDP2 on 2 ranks shards the compiled blocks (compile comes first in the build order): same losses.
+    fsdp = {}
+    for compiled in (False, True):
+        run_dir = str(tmp_path / f"fsdp_compile_{compiled}")
+        run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=3",
+                   "train.log_every=1", "data.num_workers=0", f"train.compile={str(compiled).lower()}",
+                   "parallel.backend=fsdp"], launcher="torchrun")
+        fsdp[compiled] = [m["loss"] for m in read_metrics(run_dir)]
+    assert len(fsdp[True]) == 3 and fsdp[True] == pytest.approx(fsdp[False], rel=1e-5)
 
