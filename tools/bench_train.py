@@ -44,6 +44,7 @@ VARIANTS = {
     "fsdp": ["parallel.backend=fsdp"],
     "zero2-features": ["parallel.zero_stage=2", "data.features=true"],
     "zero2-compile": ["parallel.zero_stage=2", "train.compile=true"],
+    "zero2-flash": ["parallel.zero_stage=2", "model.attn_impl=flash"],  # needs flash-attn on CUDA
 }
 
 
