@@ -49,6 +49,9 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+CRED_EXPIRE_S = 10
+
+
 class SlurmCluster:
     def __init__(self, nodes=NODES, cpus: int = 2, memory_mb: int = 4000):
         self.nodes, self.cpus, self.memory_mb = nodes, cpus, memory_mb
@@ -81,6 +84,8 @@ MpiDefault=none
 ReturnToService=2
 JobRequeue=1
 SchedulerType=sched/backfill
+# Pending jobs (a requeued one once its hold ends) are looked at every second or two, not every 30-60 s.
+SchedulerParameters=sched_interval=2,bf_interval=1
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
@@ -113,9 +118,11 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         self._start([_which("munged"), "-F", "--force", f"--key-file={key}", f"--socket={sock}",
                      f"--pid-file={self.root}/munge/munged.pid", f"--log-file={self.root}/log/munged.log",
                      f"--seed-file={self.root}/munge/seed"])
-        # Slurm's munge plugins find the daemon through this socket (AuthInfo in slurm.conf).
+        # Slurm's munge plugins find the daemon through this socket. cred_expire is also how long Slurm
+        # holds a requeued job (BeginTime) so that no node still refuses it as revoked: 120 s by default,
+        # CRED_EXPIRE_S here to keep the requeue tests short.
         with open(self.conf, "a") as f:
-            f.write(f"AuthInfo=socket={sock}\n")
+            f.write(f"AuthInfo=socket={sock},cred_expire={CRED_EXPIRE_S}\n")
         deadline = time.time() + 10
         while not os.path.exists(sock) and time.time() < deadline:
             time.sleep(0.1)
@@ -150,6 +157,14 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         try:
             with open(os.path.join(self.root, "log", "slurmctld.log")) as f:
                 return f.read()[-chars:]
+        except OSError:
+            return ""
+
+    def batch_output(self, job_id: int) -> str:
+        """What a job's batch shell printed (sbatch --output in this cluster's log dir)."""
+        try:
+            with open(os.path.join(self.root, "log", f"batch-{job_id}.out")) as f:
+                return f.read()
         except OSError:
             return ""
 
