@@ -212,11 +212,11 @@ def saved_world_size(point: ResumePoint) -> int:
 def check_model_fits(point: ResumePoint, model: torch.nn.Module, reader=None) -> None:
     """Fail before training when the checkpoint's trainable tensors do not fit the configured model."""
     from mgpt4_dist.consolidate import read_checkpoint
+    from mgpt4_dist.models.build import full_shape
 
     saved = (reader or read_checkpoint(point.path)).shapes()
-    # ZeRO-3 leaves partitioned (empty) parameters in the module; ds_shape is the full shape. FSDP's
-    # DTensor parameters report their global shape.
-    wanted = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
+    # Whole shapes: ZeRO-3 leaves empty placeholders in the module; FSDP's DTensors report theirs.
+    wanted = {n: full_shape(p) for n, p in model.named_parameters() if p.requires_grad}
     problems = [f"missing {sorted(set(wanted) - set(saved))}"] if set(wanted) - set(saved) else []
     if set(saved) - set(wanted):
         problems.append(f"unexpected {sorted(set(saved) - set(wanted))}")

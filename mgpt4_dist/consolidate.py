@@ -270,7 +270,6 @@ class FSDPCheckpoint:
             raise CheckpointFormatError(f"{step_dir}: engine_state.pt is missing: the checkpoint is incomplete")
         self._engine_state = torch.load(engine_state, map_location="cpu", weights_only=True)
         self.lr_scheduler = _schedule_state(self._engine_state.get("scheduler"))
-        self.world_size = len(glob.glob(os.path.join(step_dir, "__*_*.distcp")))
 
     def names(self) -> List[str]:
         return list(self._shapes)

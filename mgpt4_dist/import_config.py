@@ -30,7 +30,7 @@ IGNORED = {"arch": "one architecture here", "task": "one task here", "evaluate":
            "job_name": "run_dir names the run", "low_resource": "mgpt4-chat loads 8-bit on request",
            "drop_path_rate": "frozen ViT runs in eval mode", "use_grad_checkpoint": "parallel.activation_checkpointing",
            "prompt": "unused by MiniGPT4 training", "vit_model": "model.vit_checkpoint names the weight file",
-"vis_processor": "one image transform (square bicubic 224)",
+           "vis_processor": "one image transform (square bicubic 224)",
            "text_processor": "data.clean_captions", "data_type": "images only", "device_8bit": "mgpt4-chat option"}
 
 

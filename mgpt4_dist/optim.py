@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mgpt4_dist.config import OptimConfig
+from mgpt4_dist.models.build import full_shape
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -20,10 +21,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if param.requires_grad:
-            # A parameter partitioned by ZeRO-3's zero.Init is an empty 1-D placeholder; its real
-            # shape is `ds_shape` (without this the projection weight silently lost its decay).
-            ndim = len(getattr(param, "ds_shape", param.shape))
-            (decay if ndim >= 2 else no_decay).append(param)
+            # The whole shape: under zero.Init the parameter itself is an empty 1-D placeholder
+            # (judged by it, the projection weight silently lost its decay).
+            (decay if len(full_shape(param)) >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -51,6 +51,13 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [lr_at(self.last_epoch, self.cfg, self.max_steps)] * len(self.optimizer.param_groups)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # The lr is a function of the step alone, so the optimizer's groups follow the restored step,
+        # also when the optimizer state was not saved with them (a resume on another engine or layout).
+        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+            group["lr"] = lr
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> WarmupCosineLR:

@@ -123,14 +123,8 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
     report_build_memory(model, build)
     counts = audit_trainable(model)
     log.info("parameters: %d trainable (llama_proj), %d frozen%s", counts["trainable_params"], counts["frozen_params"],
-             " (built partitioned under deepspeed.zero.Init)" if build is not None else "")
-    if build is None:
-        model.to(device)
-    else:  # zero.Init placed the parameters; buffers made by plain tensor ops (rotary inv_freq) it does not
-        for module in model.modules():
-            for name, buf in module.named_buffers(recurse=False):
-                if buf is not None and buf.device != device:
-                    module._buffers[name] = buf.to(device)
+             " (built partitioned under deepspeed.zero.Init)" if build.sharded else "")
+    build.place(model, device)
     flops_model = FlopsModel.from_model(model)
     tokenizer = load_tokenizer(cfg.model.llm_path)
     build_text = SequenceBuilder(tokenizer, model.num_image_tokens, cfg.data.max_txt_len, cfg.data.end_sym,

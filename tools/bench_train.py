@@ -39,8 +39,11 @@ SMALL = ["model.vit.embed_dim=256", "model.vit.depth=4", "model.vit.num_heads=4"
 
 VARIANTS = {
     "zero0": ["parallel.zero_stage=0"],
+    "zero1": ["parallel.zero_stage=1"],
     "zero2": ["parallel.zero_stage=2"],
+    "zero2-offload": ["parallel.zero_stage=2", "parallel.offload=optimizer"],
     "zero3": ["parallel.zero_stage=3"],
+    "zero3-offload": ["parallel.zero_stage=3", "parallel.offload=optimizer"],
     "fsdp": ["parallel.backend=fsdp"],
     "zero2-features": ["parallel.zero_stage=2", "data.features=true"],
     "zero2-compile": ["parallel.zero_stage=2", "train.compile=true"],
@@ -141,7 +144,7 @@ def original_worker(overrides: list, steps: int, warmup: int, out: str, peak_flo
                                 rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
                                 seed=cfg.train.seed, resample=True, batch_size=cfg.train.micro_batch_size,
                                 image_size=cfg.model.vit.img_size, clean_captions=True, max_caption_words=50)
-    times, step_flops = [], []
+    times, step_flops, step_tokens = [], [], []
     autocast = torch.autocast("cuda", dtype=half) if (on_gpu and half) else torch.autocast("cpu", enabled=False)
     for step in range(steps):
         if on_gpu:
@@ -159,13 +162,16 @@ def original_worker(overrides: list, steps: int, warmup: int, out: str, peak_flo
         float(loss)  # the original logs the loss every step; this also waits for the GPU
         times.append(time.perf_counter() - start)
         step_flops.append(flops.step(len(batch["answers"]), text.input_ids_BT.shape[1], text.num_scored_tokens))
+        step_tokens.append(text.num_scored_tokens)
     mem = torch.cuda.max_memory_allocated(device) if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mem = dist.all_reduce_max(mem)
+    # Per device, as mgpt4-train logs them: this rank's FLOP/s; tokens summed over ranks.
     achieved = sum(step_flops[warmup:]) / sum(times[warmup:])
+    tokens_per_s = dist.all_reduce_sum(sum(step_tokens[warmup:])) / sum(times[warmup:])
     if info.rank == 0:
         with open(out, "w") as f:
-            json.dump({"step_times": times[warmup:], "max_mem_bytes": mem,
-                       "mfu": achieved / peak_flops if peak_flops else None}, f)
+            json.dump({"step_times": times[warmup:], "max_mem_bytes": mem, "flops_per_s": achieved,
+                       "tokens_per_s": tokens_per_s, "mfu": achieved / peak_flops if peak_flops else None}, f)
     dist.cleanup()
 
 
@@ -192,6 +198,9 @@ def main() -> None:
 
     from bench_md import machine_line, write_section
 
+    import torch
+
+    gpu = torch.cuda.is_available()
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     with tempfile.TemporaryDirectory() as tmp:
         assets = build_assets(tmp, samples=args.samples, preset=args.preset)
@@ -208,7 +217,8 @@ def main() -> None:
                               "--overrides", *base], env)
         ref = json.load(open(out))
         ref_rate = global_batch * len(ref["step_times"]) / sum(ref["step_times"])
-        rows.append(("original-style (DDP, full logits)", ref_rate, ref["max_mem_bytes"], ref.get("mfu")))
+        rows.append(("original-style (DDP, full logits)", ref_rate, ref["tokens_per_s"], ref["max_mem_bytes"],
+                     ref.get("mfu"), ref["flops_per_s"]))
         print(f"original-style: {ref_rate:.1f} samples/s", flush=True)
         for variant in args.variants:
             extra = list(VARIANTS[variant])
@@ -218,11 +228,9 @@ def main() -> None:
 
                 feats = os.path.join(tmp, "features")
                 if not os.path.isdir(feats):
-                    import torch
-
                     cache_features(load_config(TINY, base), feats,
                                    store_dtype="fp32" if args.precision == "fp32" else "bf16", progress=False,
-                                   device="cuda" if torch.cuda.is_available() else "cpu")
+                                   device="cuda" if gpu else "cpu")
                 extra += [f"data.shards=[{feats}/*.tar]"]
             run_dir = os.path.join(tmp, variant)
             torchrun(args.nproc, ["-m", "mgpt4_dist.train", "--config", TINY, *base, *extra, f"run_dir={run_dir}",
@@ -230,9 +238,11 @@ def main() -> None:
                                   "logging.tensorboard=false", "logging.progress=false"], env)
             metrics = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))][args.warmup:]
             rate = global_batch * len(metrics) / sum(m["step_time_s"] for m in metrics)
-            mfus = [m["mfu"] for m in metrics if m.get("mfu") is not None]
-            rows.append((f"mgpt4_dist {variant}", rate, max(m["max_mem_bytes"] for m in metrics),
-                         sum(mfus) / len(mfus) if mfus else None))
+            seconds = sum(m["step_time_s"] for m in metrics)
+            tokens_per_s = sum(m["tokens_per_s"] * m["step_time_s"] for m in metrics) / seconds
+            flops_per_s = sum(m["flops_per_s"] * m["step_time_s"] for m in metrics) / seconds
+            rows.append((f"mgpt4_dist {variant}", rate, tokens_per_s, max(m["max_mem_bytes"] for m in metrics),
+                         flops_per_s / args.peak_flops if args.peak_flops else None, flops_per_s))
             print(f"{variant}: {rate:.1f} samples/s; per step: time "
                   f"{[round(m['step_time_s'], 3) for m in metrics]}, data wait {[round(m['data_wait_s'], 3) for m in metrics]}",
                   flush=True)
@@ -240,13 +250,12 @@ def main() -> None:
                f"--warmup {args.warmup} --nproc {args.nproc} --micro-batch {args.micro_batch} "
                f"--variants {' '.join(args.variants)}" + (f" --peak-flops {args.peak_flops:g}" if args.peak_flops else "")
                + " --write")
-    import torch
-
-    gpu = torch.cuda.is_available()
     mem_name = "peak GPU memory per rank" if gpu else "peak RSS per rank"
-    lines = [f"| step | samples/s | ratio to original-style | {mem_name} | MFU |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {rate:.1f} | {rate / ref_rate:.2f}x | {mem / 2**30:.2f} GiB | "
-              f"{'-' if mfu is None else f'{100 * mfu:.1f} %'} |" for name, rate, mem, mfu in rows]
+    lines = [f"| step | samples/s | answer tokens/s | ratio to original-style | {mem_name} | MFU (achieved FLOP/s per rank) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {rate:.1f} | {tokens:.0f} | {rate / ref_rate:.2f}x | {mem / 2**30:.2f} GiB | "
+              f"{'' if mfu is None else f'{100 * mfu:.1f} % '}({flops / 1e9:.1f} GFLOP/s) |"
+              for name, rate, tokens, mem, mfu, flops in rows]
     preset = ("small preset (ViT 256x4, Q-Former 256x2, LLaMA 512x4, vocab 32000)" if args.preset == "small" else
               "7b preset (EVA ViT-g/14, BLIP-2 Q-Former, Vicuna-7B-shaped LLaMA 4096x32, random weights)")
     body = (f"`{command}`\n\n{machine_line()}; {args.nproc} processes ({'nccl' if gpu else 'gloo'}), "

@@ -18,8 +18,9 @@ rotated to continue exactly where the previous run's next batch would have come 
 Length-grouped batching (`data.group_by_length=N`, off by default as in the original): a stream
 fills a window of N batches, sorts it by caption length, cuts it into batches and yields them in
 a seeded random order, so a batch pads its answers to a length close to their own. Its position
-inside a window is `{window start..., window_done: k}`: a resume re-reads the window from its
-start (deterministic), regroups it identically and skips the k batches already consumed.
+inside a window is `{window start..., window_done: k, window_shape, window_end}`: a resume
+re-reads the window from its start (deterministic), regroups it identically and skips the k
+batches already consumed; a rescaled or reconfigured resume starts after `window_end` instead.
 """
 from __future__ import annotations
 
@@ -158,12 +159,12 @@ class ShardStream(IterableDataset):
             return
         if "window_done" in position:
             position = _after_window(position, "data.group_by_length was switched off")
-        window = []
+        batch = []
         for sample in self.samples(stream, position):
-            window.append(sample)
-            if len(window) == self.batch_size:
-                yield self._batch(window, stream, window[-1][3])
-                window = []
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._batch(batch, stream, batch[-1][3])
+                batch = []
 
     def _grouped_batches(self, stream: int, position: dict) -> Iterator[dict]:
         shape = [self.group_by_length, self.batch_size]

@@ -25,6 +25,17 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def full_shape(param: torch.Tensor) -> tuple:
+    """A parameter's whole shape, also when ZeRO-3 has partitioned it: its own tensor is then an
+    empty placeholder and DeepSpeed records the real shape as `ds_shape`."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """A parameter's whole element count (`ds_numel` when ZeRO-3 has partitioned it)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 class LocalBuild:
     """Every parameter whole on every rank; writes are local."""
 
@@ -39,14 +50,12 @@ class LocalBuild:
         """Make `params` whole for writing; yields whether this rank's writes are kept."""
         yield True
 
-    def full_shape(self, param: torch.Tensor) -> tuple:
-        return tuple(param.shape)
-
-    def full_numel(self, param: torch.Tensor) -> int:
-        return param.numel()
-
     def built(self, module: nn.Module) -> None:
         """Told about each finished part of the model (test hooks measure memory here)."""
+
+    def place(self, model: nn.Module, device: torch.device) -> None:
+        """Move the finished model to the device it trains on."""
+        model.to(device)
 
 
 def copy_state_into(module: nn.Module, state: dict, build: LocalBuild) -> None:

@@ -157,7 +157,7 @@ def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, bu
     from transformers import LlamaConfig
     from transformers.initialization import no_init_weights
 
-    from mgpt4_dist.models.build import copy_state_into
+    from mgpt4_dist.models.build import copy_state_into, full_shape
     from mgpt4_dist.models.loading import CheckpointMismatchError
 
     config = LlamaConfig.from_pretrained(llm_path)
@@ -167,7 +167,7 @@ def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, bu
         llm = LlamaForCausalLM(config)
     build.built(llm)
     files = _WeightFiles(llm_path)
-    expected = {k: build.full_shape(v) for k, v in llm.state_dict(keep_vars=True).items()}
+    expected = {k: full_shape(v) for k, v in llm.state_dict(keep_vars=True).items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)  # the same tensor as the input embedding
     missing = sorted(k for k in expected if k not in files.shapes)

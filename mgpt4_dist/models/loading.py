@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from mgpt4_dist.models.build import LocalBuild, copy_state_into
+from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_shape
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ def load_strict(module: nn.Module, state: Dict[str, torch.Tensor], path: str, wh
                 hint: Optional[Callable[[str, tuple, tuple], str]] = None, build: Optional[LocalBuild] = None) -> None:
     """Copy `state` into `module`, requiring exactly the module's keys with matching shapes."""
     build = build or LocalBuild()
-    # Shapes come from the build: a partitioned parameter's own tensor is an empty placeholder.
-    expected = {k: build.full_shape(v) for k, v in module.state_dict(keep_vars=True).items()}
+    # Whole shapes: a partitioned parameter's own tensor is an empty placeholder.
+    expected = {k: full_shape(v) for k, v in module.state_dict(keep_vars=True).items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [(k, expected[k], tuple(state[k].shape))
@@ -87,7 +87,7 @@ def load_vit_checkpoint(vit: nn.Module, path: str, build: Optional[LocalBuild] =
         log.info("%s: ignoring blocks %s (model.vit.depth=%d)", path, extra_blocks, depth)
     state = {k: v for k, v in state.items() if not ((m := _BLOCK_KEY.match(k)) and int(m.group(1)) >= depth)}
 
-    state = interpolate_pos_embed(state, build.full_shape(vit.eva.pos_embed)[1], path)
+    state = interpolate_pos_embed(state, full_shape(vit.eva.pos_embed)[1], path)
 
     def hint(key: str, want: tuple, got: tuple) -> str:
         if key == "pos_embed":
@@ -149,7 +149,8 @@ def qformer_state_from_blip2(state: Dict[str, torch.Tensor]) -> tuple[dict, list
 
 def load_qformer_checkpoint(qformer: nn.Module, path: str, build: Optional[LocalBuild] = None) -> None:
     """`blip2_pretrained*.pth`: `{'model': {...}}` with query_tokens, ln_vision, Qformer.bert.*."""
-    raw = read_weights(path, mmap=bool(build and build.sharded))
+    build = build or LocalBuild()
+    raw = read_weights(path, mmap=build.sharded)
     state = raw["model"] if isinstance(raw.get("model"), dict) else raw
     ours, skipped = qformer_state_from_blip2(state)
     if skipped:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mgpt4_dist.config import ModelConfig
-from mgpt4_dist.models.build import LocalBuild, copy_state_into
+from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_numel, full_shape
 from mgpt4_dist.models.llm import choose_attn_impl, load_llm
 from mgpt4_dist.models.qformer import QFormer
 from mgpt4_dist.models.sequence import IGNORE_INDEX, TextBatch
@@ -226,7 +226,7 @@ def init_llama_proj(proj: nn.Linear, seed: int, build: LocalBuild) -> None:
     """nn.Linear's default init drawn in fp32 from `seed`, then written in the parameter's dtype:
     the same numbers whether the layer was created whole or partitioned, in fp32 or not."""
     generator = torch.Generator().manual_seed(seed)
-    out_features, in_features = build.full_shape(proj.weight)
+    out_features, in_features = full_shape(proj.weight)
     weight = torch.empty(out_features, in_features)
     nn.init.kaiming_uniform_(weight, a=5 ** 0.5, generator=generator)
     bound = 1 / in_features ** 0.5
@@ -246,8 +246,7 @@ def audit_trainable(model: nn.Module) -> dict:
     trainable, frozen, wrong = 0, 0, []
     for name, param in model.named_parameters():
         clean = name.removeprefix("module.")
-        # A ZeRO-3 partitioned parameter holds an empty placeholder; ds_numel is its full size.
-        numel = getattr(param, "ds_numel", param.numel())
+        numel = full_numel(param)  # a ZeRO-3 partitioned parameter holds an empty placeholder
         if param.requires_grad:
             trainable += numel
             if not clean.startswith(TRAINABLE_PREFIXES):

@@ -181,8 +181,6 @@ class DeepSpeedEngine(Engine):
                 p.data.copy_(value.to(p.dtype))
         if scheduler_state is not None and ds.lr_scheduler is not None:
             ds.lr_scheduler.load_state_dict(scheduler_state)
-            for group, lr in zip(base.param_groups, ds.lr_scheduler.get_last_lr()):
-                group["lr"] = lr  # a normal resume gets it from the optimizer's saved param groups
         ds.global_steps = int(counters.get("global_steps", 0))
         # An FSDP checkpoint does not count samples; every step consumed one global batch.
         ds.global_samples = int(counters.get("global_samples") or ds.global_steps * ds.train_batch_size())

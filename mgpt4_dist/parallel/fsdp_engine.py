@@ -26,6 +26,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from mgpt4_dist.config import JobConfig
+from mgpt4_dist.models.minigpt4 import transformer_blocks
 from mgpt4_dist.optim import build_optimizer, build_scheduler
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
 
@@ -57,15 +58,6 @@ class DynamicLossScaler:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
-def sharding_units(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks that become FSDP units, innermost first."""
-    units = list(model.visual_encoder.eva.blocks)
-    if getattr(model, "qformer", None) is not None:
-        units += list(model.qformer.bert.encoder.layer)
-    units += list(model.llm.model.layers)
-    return units
-
-
 def apply_fsdp(model: nn.Module, precision: str, device_type: str, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -75,7 +67,7 @@ def apply_fsdp(model: nn.Module, precision: str, device_type: str, world_size: i
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     # Master weights of what trains stay fp32; the frozen rest keeps the dtype the builder gave it.
     model.llama_proj.float()
-    for unit in sharding_units(model):
+    for unit in transformer_blocks(model):  # each block its own unit, innermost first
         fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     fully_shard(model.llama_proj, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -229,8 +221,6 @@ class FSDPEngine(Engine):
                     state[kind] = shard(p, moments[kind][name]).clone()
         if scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-                group["lr"] = lr
         self.global_steps = int(counters.get("global_steps", 0))
         self._skipped = int(counters.get("skipped_steps", 0))
         self.micro = self.global_steps * self.accum
@@ -252,15 +242,3 @@ class FSDPEngine(Engine):
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 out[name] = full.detach().float().cpu().clone()
         return out
-
-
-def read_fsdp_trainable(step_dir: str) -> dict:
-    """llama_proj tensors of an FSDP checkpoint, read without a process group."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "full.pt")
-        dcp_to_torch_save(step_dir, out)
-        full = torch.load(out, weights_only=True)
-    return {k: v.float() for k, v in full["model"].items()}

@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from mgpt4_dist.config import JobConfig
-from mgpt4_dist.models.build import LocalBuild, default_dtype
+from mgpt4_dist.models.build import LocalBuild, default_dtype, full_numel
 
 REPORT_ENV = "MGPT4_ENGINE_REPORT"
 
@@ -77,16 +77,18 @@ class ZeroInitBuild(LocalBuild):
             self._measure(params)
             yield torch.distributed.get_rank() == 0
 
-    def full_shape(self, param: torch.Tensor) -> tuple:
-        return tuple(getattr(param, "ds_shape", param.shape))
-
-    def full_numel(self, param: torch.Tensor) -> int:
-        return int(getattr(param, "ds_numel", param.numel()))
-
     def built(self, module: nn.Module) -> None:
         if self.track_memory:
             self._known.update((id(p), p) for p in module.parameters())
             self._measure([])
+
+    def place(self, model: nn.Module, device: torch.device) -> None:
+        # zero.Init already put the parameters on the device; buffers made by plain tensor ops
+        # (the rotary inv_freq) it does not move.
+        for module in model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
 
     def _measure(self, extra: list) -> None:
         if not self.track_memory:
@@ -95,22 +97,22 @@ class ZeroInitBuild(LocalBuild):
         self.peak_bytes = max(self.peak_bytes, sum(local_param_bytes(p) for p in params.values()))
 
 
-def model_build_for(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> Optional[LocalBuild]:
-    """The build hook for `build_minigpt4`: zero.Init at ZeRO-3 when `parallel.zero_init`, else None."""
+def model_build_for(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> LocalBuild:
+    """The build hook for `build_minigpt4`: zero.Init at ZeRO-3 when `parallel.zero_init`, else whole."""
     if not uses_zero_init(cfg):
-        return None
+        return LocalBuild()
     from mgpt4_dist.parallel.deepspeed_engine import derive_ds_config
 
     return ZeroInitBuild(derive_ds_config(cfg, world_size, grad_accum_steps), track_memory=bool(os.environ.get(REPORT_ENV)))
 
 
-def report_build_memory(model: nn.Module, build: Optional[LocalBuild]) -> None:
+def report_build_memory(model: nn.Module, build: LocalBuild) -> None:
     """Test hook: MGPT4_ENGINE_REPORT=DIR makes each rank write the most parameter bytes it held
     during the build, and the whole model's parameter bytes."""
     out = os.environ.get(REPORT_ENV)
     if not out:
         return
-    full = sum((build or LocalBuild()).full_numel(p) * p.element_size() for p in model.parameters())
+    full = sum(full_numel(p) * p.element_size() for p in model.parameters())
     if isinstance(build, ZeroInitBuild):
         peak = build.peak_bytes
     else:  # a plain build ends with every parameter whole on this rank

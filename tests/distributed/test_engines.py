@@ -45,10 +45,10 @@ def final_trainable(run_dir, name, steps):
         # Our own DeepSpeed output (it pickles its config objects), not a user-supplied file.
         states = torch.load(os.path.join(root, tag, "mp_rank_00_model_states.pt"), weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
-    if name == "fsdp":
-        from mgpt4_dist.parallel.fsdp_engine import read_fsdp_trainable
+    if name == "fsdp":  # the consolidation reader (checked against DCP's own converter in test_consolidate_cli)
+        from mgpt4_dist.consolidate import read_checkpoint
 
-        return read_fsdp_trainable(os.path.join(root, tag))
+        return read_checkpoint(os.path.join(root, tag)).tensors("fp32")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(root, tag).items()}
