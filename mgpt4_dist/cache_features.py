@@ -23,7 +23,7 @@ from mgpt4_dist.config import JobConfig, shard_sources
 from mgpt4_dist.data.pipeline import resolve_sources
 from mgpt4_dist.data.shards import BadSampleError, FEATURES_FIELD, decode_sample, encode_features, read_shard_samples
 from mgpt4_dist.data.transforms import build_image_transform
-from mgpt4_dist.models.minigpt4 import build_vision_towers, compute_vision_features
+from mgpt4_dist.models.minigpt4 import build_vision_towers, compute_vision_features, vit_dtype
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,12 @@ def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dty
     if len(set(names)) != len(names):
         raise ValueError("input shards from different folders share file names; cache each source separately")
     vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed)
-    towers = [m for m in (vit, qformer, ln_vision) if m is not None]
-    for module in towers:
-        module.to(device=device, dtype=PRECISION_DTYPES[cfg.train.precision]).eval()
+    # In the dtypes training runs them in: the ViT in model.vit_precision, the rest in train.precision.
+    train_dtype = PRECISION_DTYPES[cfg.train.precision]
+    vit.to(device=device, dtype=vit_dtype(cfg.model, train_dtype)).eval()
+    for module in (qformer, ln_vision):
+        if module is not None:
+            module.to(device=device, dtype=train_dtype).eval()
     transform = build_image_transform(cfg.model.vit.img_size)
     out_dtype = PRECISION_DTYPES[store_dtype]
     os.makedirs(out_dir, exist_ok=True)

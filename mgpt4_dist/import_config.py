@@ -85,7 +85,7 @@ def import_original(original: Dict[str, Any]) -> ImportReport:
         elif key == "model_type":
             if str(value).endswith("llama2"):
                 put(src, "model.has_qformer", False)
-            elif not str(value).endswith("vicuna0"):
+            elif not str(value).endswith(("vicuna0", "vicuna")):  # pretrain_vicuna: the first release's name
                 report.unmapped.append((src, f"unknown model_type {value!r} (pretrain_vicuna0 or pretrain_llama2)"))
         elif key in ("freeze_vit", "freeze_qformer"):
             if not value:
@@ -129,9 +129,14 @@ def import_original(original: Dict[str, Any]) -> ImportReport:
                 report.unmapped.append((f"datasets.{name}.{key}", "no counterpart"))
     if sources:
         cfg.data.shards = sources
+    if not batch_sizes and "batch_size_train" in run:
+        # Files of the original's first release give the batch size only here; later ones per source.
+        batch_sizes = [int(run["batch_size_train"])]
+        report.mapped.append(("run.batch_size_train", "train.micro_batch_size", batch_sizes[0]))
+    elif batch_sizes:
+        report.mapped.append(("datasets.*.batch_size", "train.micro_batch_size", max(batch_sizes)))
     if batch_sizes:
         cfg.train.micro_batch_size = max(batch_sizes)
-        report.mapped.append(("datasets.*.batch_size", "train.micro_batch_size", cfg.train.micro_batch_size))
         if len(set(batch_sizes)) > 1:
             report.unmapped.append(("datasets.*.batch_size", f"sources use different batch sizes {batch_sizes}; "
                                                              f"one micro batch ({max(batch_sizes)}) is used for all"))
@@ -147,6 +152,11 @@ def import_original(original: Dict[str, Any]) -> ImportReport:
                 (int(value) if key in ("warmup_steps", "seed", "num_workers") else value))
         elif key in ("max_epoch", "iters_per_epoch"):
             pass  # combined below
+        elif key == "batch_size_train":
+            if any("batch_size" in (spec or {}) for spec in datasets.values()):
+                report.ignored.append((src, "the sources' own datasets.*.batch_size is used"))
+        elif key == "batch_size_eval":
+            report.ignored.append((src, "no evaluation during training (mgpt4-eval-loss scores a run separately)"))
         elif key == "amp":
             # The original autocasts to fp16 with a GradScaler; fp16 with dynamic loss scaling matches it.
             put(src, "train.precision", "fp16" if value else "fp32")

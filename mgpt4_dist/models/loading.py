@@ -8,6 +8,7 @@ found shapes. Files handed to us are read with `weights_only=True` (or safetenso
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Callable, Dict, Iterable, Optional
 
@@ -181,10 +182,29 @@ def proj_state_from_file(state: dict) -> Dict[str, torch.Tensor]:
     return {}
 
 
+def read_proj_source(path: str) -> dict:
+    """What `model.proj_checkpoint` names: a weight file (a MiniGPT-4 .pth, our minigpt4.pth or
+    model.safetensors), or a folder: one written by mgpt4-consolidate (its minigpt4.pth), a training
+    run, its checkpoints folder or one step folder (the trained tensors read from the sharded
+    checkpoint, fp32 master copy, any backend and world size)."""
+    if not os.path.isdir(path):
+        return read_weights(path)
+    for name in ("minigpt4.pth", "model.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            return read_weights(os.path.join(path, name))
+    from mgpt4_dist.consolidate import read_checkpoint, resolve_step_dir
+
+    try:
+        return read_checkpoint(resolve_step_dir(path)).tensors("fp32")
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path}: a folder that is neither an mgpt4-consolidate output nor a "
+                                      f"training checkpoint ({e})") from e
+
+
 def load_ln_vision_from_proj_checkpoint(ln_vision: nn.LayerNorm, path: str, build: Optional[LocalBuild] = None) -> None:
     """The Llama-2 variant's ln_vision comes from the MiniGPT-4 file when it carries `ln_vision.*`,
     else it keeps its default init (weight 1, bias 0), as in the original."""
-    raw = read_weights(path)
+    raw = read_proj_source(path)
     state = raw["model"] if isinstance(raw.get("model"), dict) else raw
     norm = {k[len("ln_vision."):]: v for k, v in state.items() if k.startswith("ln_vision.")}
     if norm:
@@ -192,8 +212,8 @@ def load_ln_vision_from_proj_checkpoint(ln_vision: nn.LayerNorm, path: str, buil
 
 
 def load_proj_checkpoint(proj: nn.Linear, path: str, build: Optional[LocalBuild] = None) -> None:
-    """llama_proj from a MiniGPT-4 file (or our own exported/consolidated one)."""
-    found = proj_state_from_file(read_weights(path))
+    """llama_proj from a MiniGPT-4 file, or our own exported/consolidated file or training checkpoint."""
+    found = proj_state_from_file(read_proj_source(path))
     if not found:
         raise CheckpointMismatchError(f"{path}: no llama_proj.* tensors found (is this a MiniGPT-4 checkpoint?)")
 

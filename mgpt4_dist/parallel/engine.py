@@ -104,7 +104,7 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_s
     if cfg.parallel.activation_checkpointing:
         from mgpt4_dist.models.llm import apply_activation_checkpointing
 
-        apply_activation_checkpointing(model.llm)
+        log.info("activation checkpointing: %d LLM decoder layers", apply_activation_checkpointing(model.llm))
     if cfg.train.compile:
         from mgpt4_dist.models.minigpt4 import apply_compile
 

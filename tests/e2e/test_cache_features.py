@@ -57,3 +57,26 @@ def test_image_shards_with_features_flag_are_a_counted_error(tiny_assets):
 
     with pytest.raises(BadSampleError, match="mgpt4-cache-features"):
         decode_feature_sample(raw, clean=True, max_words=50)
+
+
+def test_features_use_the_vit_precision_training_uses(tiny_assets, tmp_path):
+    """model.vit_precision=bf16 under fp32 training: the cache holds what the training model computes."""
+    import dataclasses
+
+    from mgpt4_dist.cache_features import cache_features
+    from mgpt4_dist.models.minigpt4 import build_minigpt4
+
+    shard = tiny_assets["shards_pattern"].replace("*", "shard-000000")
+    cfg = load_config(TINY_STAGE1, [*tiny_assets["overrides"], f"data.shards=[{shard}]", "model.vit_precision=bf16"])
+    cache_features(cfg, str(tmp_path), batch_size=8, store_dtype="fp32", progress=False)
+    raws = list(read_shard_samples(shard))[:4]
+    images = torch.stack([decode_sample(r, build_image_transform(224), True, 50)[0] for r in raws])
+    model = build_minigpt4(cfg.model, seed=cfg.train.seed)
+    assert next(model.visual_encoder.parameters()).dtype == torch.bfloat16
+    expected = compute_vision_features(model.visual_encoder, model.qformer, getattr(model, "ln_vision", None), images)
+    got = torch.stack([decode_feature_sample(r, clean=True, max_words=50)[0]
+                       for r in list(read_shard_samples(str(tmp_path / "shard-000000.tar")))[:4]])
+    assert torch.equal(got, expected)
+    fp32_vit = compute_vision_features(*build_vision_towers(dataclasses.replace(cfg.model, vit_precision="fp32"),
+                                                            seed=cfg.train.seed), images)
+    assert not torch.equal(got, fp32_vit)  # the ViT's dtype shows in the features

@@ -47,6 +47,13 @@ def test_consolidated_tensors_equal_zero_to_fp32(zero_run, tmp_path):
     assert list(original) == ["model"] and all(torch.equal(original["model"][k], got[k]) for k in got)
     conf = json.load(open(os.path.join(out, "config.json")))
     assert conf["conversation"] == "vicuna0" and conf["model"]["llm_path"]
+    # model.proj_checkpoint (stage 2 from stage 1) takes the run, a step folder or the consolidated one.
+    from mgpt4_dist.models.loading import load_proj_checkpoint
+
+    for source in (zero_run, os.path.join(zero_run, "checkpoints", "step_00000002"), out):
+        proj = torch.nn.Linear(*reversed(ref["llama_proj.weight"].shape))
+        load_proj_checkpoint(proj, source)
+        assert torch.equal(proj.weight.data, ref["llama_proj.weight"]) and torch.equal(proj.bias.data, ref["llama_proj.bias"])
 
 
 def test_full_folder_loads_alone_and_matches(zero_run, tmp_path):

@@ -110,7 +110,7 @@ def test_stage1_recipe_and_defaults(tmp_path):
     assert cfg.data.clean_captions and cfg.model.has_qformer
     assert [(s.pattern, s.weight) for s in shard_sources(cfg.data)] == [
         ("/path/to/laion_dataset/{00000..10488}.tar", 115.0), ("/path/to/cc_sbu_dataset/{00000..01255}.tar", 14.0)]
-    assert "NOT MAPPED run.batch_size_train" in out
+    assert "ignored  run.batch_size_train: the sources' own datasets.*.batch_size is used" in out
     assert "ignored  run.wandb_log" in out
     assert cfg.run_dir == "output/minigpt4_stage1_pretrain"
 
@@ -140,3 +140,30 @@ def test_not_a_config_is_a_clear_error(tmp_path):
     proc = subprocess.run(CLI + [str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "missing.yaml" in proc.stderr
+
+
+def test_first_release_batch_size_from_run_section(tmp_path):
+    """The original's first-release stage-2 file gives its batch size only as run.batch_size_train."""
+    cfg, out = convert(tmp_path, """
+model:
+  arch: mini_gpt4
+  model_type: pretrain_vicuna
+  max_txt_len: 160
+  end_sym: "###"
+  prompt_path: "prompts/alignment.txt"
+  prompt_template: '###Human: {} ###Assistant: '
+  ckpt: '/path/to/stage1/checkpoint.pth'
+datasets:
+  cc_sbu_align:
+    vis_processor: {train: {name: "blip2_image_train", image_size: 224}}
+    text_processor: {train: {name: "blip_caption"}}
+run:
+  task: image_text_pretrain
+  init_lr: 3e-5
+  batch_size_train: 12
+  batch_size_eval: 12
+""")
+    assert cfg.train.micro_batch_size == 12
+    assert "mapped   run.batch_size_train -> train.micro_batch_size = 12" in out
+    assert "ignored  run.batch_size_eval" in out
+    assert "NOT MAPPED model.model_type" not in out  # pretrain_vicuna is Vicuna v0

@@ -70,13 +70,15 @@ def test_quickstart_script(tmp_path):
     metrics = read_metrics(str(run_dir))
     assert metrics[-1]["step"] == 40
     for field in ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s",
-                  "data_wait_s", "max_mem_bytes", "skipped"):
+                  "data_wait_s", "max_mem_bytes", "skipped", "nonfinite_steps", "flops_per_s", "mfu",
+                  "fp16_skipped_steps"):
         assert field in metrics[-1], field
+    assert metrics[-1]["flops_per_s"] > 0 and metrics[-1]["mfu"] is None  # no logging.peak_flops on CPU
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
     assert "train/loss" in acc.Tags()["scalars"]
     assert [e.step for e in acc.Scalars("train/loss")][-1] == 40
-    assert "data/skipped" in acc.Tags()["scalars"]
+    assert {"data/skipped", "perf/flops_per_s", "train/nonfinite_steps"} <= set(acc.Tags()["scalars"])
     assert "tensorboard --logdir" in proc.stdout
     assert (run_dir / "checkpoints" / "step_00000040").is_dir()
 
