@@ -280,4 +280,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Every launcher runs ranks as `python -m mgpt4_dist.train`. Leave without the interpreter's
+    # teardown: a native thread left by the comm extensions can abort a rank there ("terminate called
+    # without an active exception", SIGABRT, seen once after a finished ZeRO-3 run), and the launcher
+    # would then report a failed run whose checkpoint, metrics and events were all written and closed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

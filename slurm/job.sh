@@ -48,11 +48,16 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 echo "[job] $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NODES node(s) x $TASKS_PER_NODE task(s) (${MGPT4_LAUNCHER:-srun} launch), master $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR"
 
 # Preemption. The batch shell receives USR1 120 s before the time limit (--signal=B:USR1@120), from
-# `scancel --signal=USR1 --batch|--full JOBID`, or TERM on preemption; it forwards the signal to srun,
-# which forwards it to every task; each rank finishes its step, they agree, write a checkpoint and
-# exit 0. A plain `scancel --signal=USR1 JOBID` reaches the tasks directly with the same result.
-# Either way: tasks exit 0 before the last step => requeue; the requeued job resumes from `latest`.
-forward() { echo "[job] got $1: asking the ranks to checkpoint"; kill -"$1" "$SRUN_PID" 2>/dev/null; }
+# `scancel --signal=USR1 --batch|--full JOBID`, or TERM on preemption; it passes the signal on to the
+# training step's tasks (`scancel` without --batch signals every step but the batch shell's own:
+# not srun, which answers TERM by cancelling the step); each rank finishes its step, they agree,
+# write a checkpoint and exit 0. A plain `scancel --signal=USR1 JOBID` reaches the tasks directly with
+# the same result. Either way: tasks exit 0 before the last step => requeue; the requeued job resumes
+# from `latest`.
+forward() {
+  echo "[job] got $1: asking the ranks to checkpoint"
+  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill -"$1" "$SRUN_PID" 2>/dev/null
+}
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 

@@ -38,8 +38,8 @@ def test_stop_and_resume_matches_uninterrupted(tiny_assets, run_train, tmp_path)
     ref = {m["step"]: m["loss"] for m in read_metrics(straight)}
     got = read_metrics(interrupted)
     assert [m["step"] for m in got] == list(range(1, 9))  # appended, no step repeated or lost
-    for m in got:
-        assert m["loss"] == pytest.approx(ref[m["step"]], rel=1e-6, abs=0), f"step {m['step']}"
+    for m in got:  # fp32, same engine and world size: bit for bit
+        assert m["loss"] == ref[m["step"]], f"step {m['step']}"
     # keep_last=2 pruned the oldest; the last step always gets a checkpoint
     assert step_folders(interrupted) == ["step_00000006", "step_00000008"]
     assert open(os.path.join(interrupted, "checkpoints", "latest")).read() == "step_00000008"

@@ -155,4 +155,4 @@ def test_fsdp_stop_and_resume_matches_uninterrupted(tiny_assets, run_train, tmp_
     assert "resumed from" in proc.stdout
     ref = [m["loss"] for m in read_metrics(straight)]
     got = [m["loss"] for m in read_metrics(interrupted)]
-    assert len(got) == 4 and got == pytest.approx(ref, rel=1e-6, abs=0)
+    assert len(got) == 4 and got == ref  # fp32, same engine and world size: bit for bit

@@ -30,9 +30,10 @@ def test_deepspeed_hostfile_with_localhost(tiny_assets, tmp_path):
     assert "world 2" in proc.stdout
 
 
-def test_torchrun_script(tiny_assets, tmp_path):
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed_single_node.sh"])
+def test_single_node_script(script, tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_script("torchrun.sh", [TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}",
-                                      "train.max_steps=2", "train.log_every=1"], {"NPROC": "2"})
+    proc = run_script(script, [TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}",
+                               "train.max_steps=2", "train.log_every=1"], {"NPROC": "2"})
     assert [m["step"] for m in read_metrics(str(run_dir))] == [1, 2]
     assert "world 2 (env launcher" in proc.stdout

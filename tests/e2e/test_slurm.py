@@ -98,8 +98,11 @@ def test_stage1_deepspeed_launcher_on_two_nodes(cluster, tiny_assets, tmp_path):
 
 
 # The DeepSpeed variant also checks that its launchers survive the USR1 Slurm sends to every process.
-@pytest.mark.parametrize("script", ["stage1.sbatch", "stage1_deepspeed.sbatch"])
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny_assets, tmp_path, script):
+# TERM (what preemption sends) takes the same path in stage1.sbatch; the DeepSpeed launcher answers
+# TERM by stopping its ranks, so that script relies on Slurm's own requeue for it (see its header).
+@pytest.mark.parametrize("script,sig", [("stage1.sbatch", "USR1"), ("stage1_deepspeed.sbatch", "USR1"),
+                                        ("stage1.sbatch", "TERM")])
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny_assets, tmp_path, script, sig):
     run_dir, max_steps = str(tmp_path / "run"), 30
     t0 = time.time()
     job = submit(cluster, script, TINY_STAGE1, [*tiny_assets["overrides"], f"run_dir={run_dir}",
@@ -107,7 +110,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny_assets, tm
                  "data.num_workers=0"], nodes=2)
     wait_for_step(run_dir, 2, timeout=180)
     # What the time limit does through --signal=B:USR1@120: signal the batch shell only.
-    cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
+    cluster.run(["scancel", f"--signal={sig}", "--batch", str(job)])
     # The job requeues itself; Slurm holds it for cred_expire seconds (Reason=BeginTime), then starts it
     # again. (Releasing it sooner by hand can start it within the second its old credential was
     # revoked: the nodes then refuse it and it fails.)
@@ -118,7 +121,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tiny_assets, tm
         time.sleep(0.2)
     info = cluster.wait_job(job, timeout=240, until=("COMPLETED", "FAILED", "CANCELLED"))
     log = job_log(run_dir, job)
-    print(f"preempt + requeue ({script}): {time.time() - t0:.1f}s")
+    print(f"preempt ({sig}) + requeue ({script}): {time.time() - t0:.1f}s")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", \
         (info, log[-4000:], cluster.batch_output(job), cluster.log_tail())
     assert "requeueing job" in log and "resumed from" in log, log[-4000:]

@@ -83,3 +83,29 @@ def test_rescaled_state_is_what_the_loader_resumes_from(tmp_path):
                          image_size=224, clean_captions=True, max_caption_words=50, start=start)
     batch = next(iter(stream))
     assert batch["stream"] == 0 and batch["position"]["index"] == 3 and batch["position"]["offset"] == 2
+
+
+class _SavedShapes:
+    """A checkpoint reader reduced to what check_model_fits asks of it."""
+
+    def __init__(self, shapes):
+        self._shapes = shapes
+
+    def shapes(self):
+        return {k: torch.Size(v) for k, v in self._shapes.items()}
+
+
+@pytest.mark.parametrize("saved,message", [
+    ({"llama_proj.weight": (64, 64 * 4), "llama_proj.bias": (64,)}, "another visual feature width"),
+    ({"llama_proj.weight": (128, 64), "llama_proj.bias": (128,)}, "LLM of hidden size 128, the config has 64"),
+    ({"llama_proj.weight": (64, 64)}, r"missing \['llama_proj.bias'\]"),
+])
+def test_checkpoint_of_another_variant_or_width_is_refused(saved, message):
+    from mgpt4_dist.checkpoint import CheckpointMismatch, ResumePoint, check_model_fits
+
+    model = torch.nn.Module()
+    model.llama_proj = torch.nn.Linear(64, 64)  # Q-Former width 64 -> LLM width 64, as the tiny config
+    point = ResumePoint("/runs/x/checkpoints", "step_00000002")
+    with pytest.raises(CheckpointMismatch, match=message):
+        check_model_fits(point, model, reader=_SavedShapes(saved))
+    check_model_fits(point, model, reader=_SavedShapes({"llama_proj.weight": (64, 64), "llama_proj.bias": (64,)}))
