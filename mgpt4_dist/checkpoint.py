@@ -39,6 +39,7 @@ import torch
 
 from mgpt4_dist import dist
 from mgpt4_dist.config import JobConfig, save_config
+from mgpt4_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def check_model_fits(point: ResumePoint, model: torch.nn.Module, reader=None) ->
         raise CheckpointMismatch(f"{point.path} does not fit the configured model: " + "; ".join(problems))
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint made for another model."""
 
 

@@ -19,8 +19,10 @@ from typing import Any, List, Union
 
 import yaml
 
+from mgpt4_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the declared tree."""
 
 

@@ -37,13 +37,14 @@ import torch
 
 from mgpt4_dist.checkpoint import TAG_RE
 from mgpt4_dist.config import JobConfig, config_from_dict, save_config, to_dict
+from mgpt4_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A folder that is not a readable training checkpoint."""
 
 

@@ -15,12 +15,13 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from mgpt4_dist.errors import UserError
 from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_shape
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A weight file that does not fit the configured model."""
 
 
