@@ -19,11 +19,13 @@ from typing import List
 
 import torch
 
-from mgpt4_dist.config import JobConfig, shard_sources
-from mgpt4_dist.data.pipeline import resolve_sources
-from mgpt4_dist.data.shards import BadSampleError, FEATURES_FIELD, decode_sample, encode_features, read_shard_samples
+from mgpt4_dist.config import ConfigError, JobConfig, ModelConfig, shard_sources
+from mgpt4_dist.data.pipeline import Source, resolve_sources
+from mgpt4_dist.data.shards import (BadSampleError, FEATURES_FIELD, IMAGE_FIELDS, decode_sample, encode_features,
+                                    read_shard_samples)
 from mgpt4_dist.data.transforms import build_image_transform
-from mgpt4_dist.models.minigpt4 import build_vision_towers, compute_vision_features, vit_dtype
+from mgpt4_dist.models.loading import require_frozen_weights
+from mgpt4_dist.models.minigpt4 import build_vision_towers, compute_vision_features, vision_feature_shape_of, vit_dtype
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,9 @@ def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dty
                    device: str = "cpu", progress: bool = True) -> CacheReport:
     from tqdm import tqdm
 
+    require_frozen_weights(cfg.model)
     sources = resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)])
+    check_sources_kind(sources, False, cfg.model)  # its input: images, not features
     shards = sorted({shard for source in sources for shard in source.shards})
     # A cc_sbu_align folder's virtual shards (FOLDER#alignK) become FOLDER-alignK.tar.
     names = [os.path.basename(s) if "#" not in s else "-".join((os.path.basename(s.split("#")[0]), s.split("#")[1]))
@@ -105,9 +109,91 @@ def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dty
         written.append(final)
         bar.update(1)
     bar.close()
-    with open(os.path.join(out_dir, "features.json"), "w") as f:
-        json.dump({"model": {"vit": vars(cfg.model.vit), "has_qformer": cfg.model.has_qformer,
-                             "vit_checkpoint": cfg.model.vit_checkpoint,
+    with open(os.path.join(out_dir, FEATURES_JSON), "w") as f:
+        json.dump({"model": {**towers_summary(cfg.model), "vit_checkpoint": cfg.model.vit_checkpoint,
                              "qformer_checkpoint": cfg.model.qformer_checkpoint},
+                   "features_shape": list(vision_feature_shape_of(cfg.model)),
                    "dtype": store_dtype, "samples": samples, "skipped": skipped}, f, indent=1)
     return CacheReport(written, samples, skipped, out_dir)
+
+
+FEATURES_JSON = "features.json"
+
+
+def towers_summary(cfg: ModelConfig) -> dict:
+    """What decides the cached features' values and shape (recorded in features.json)."""
+    summary = {"vit": vars(cfg.vit), "has_qformer": cfg.has_qformer}
+    if cfg.has_qformer:
+        summary["qformer"] = vars(cfg.qformer)
+    return summary
+
+
+def _first_sample(shard: str):
+    try:
+        return next(iter(read_shard_samples(shard)), None)
+    except (BadSampleError, OSError):
+        return None  # unreadable: the stream skips it and counts it
+
+
+def check_sources_kind(sources: List[Source], features: bool, model: ModelConfig) -> None:
+    """Peek at the first sample of each source's first shard: images when data.features=false,
+    cached features made for this model's towers when true. One clear error before training
+    instead of every sample skipped, or a shape error deep in the forward."""
+    expected = list(vision_feature_shape_of(model))
+    for source in sources:
+        shard = source.shards[0]
+        raw = _first_sample(shard)
+        if raw is None:
+            continue
+        has_image = any(f in raw for f in IMAGE_FIELDS)
+        if not features:
+            if FEATURES_FIELD in raw and not has_image:
+                raise ConfigError(f"data.features=false but {shard} holds cached vision features ({raw['__key__']}."
+                                  f"{FEATURES_FIELD}, from mgpt4-cache-features), not images: set data.features=true "
+                                  f"or point data.shards at the image shards")
+            continue
+        if FEATURES_FIELD not in raw:
+            raise ConfigError(f"data.features=true but {shard} holds "
+                              + (f"images ({raw['__key__']}.{next(f for f in IMAGE_FIELDS if f in raw)})" if has_image
+                                 else f"no cached features (fields {sorted(k for k in raw if not k.startswith('__'))})")
+                              + ": run mgpt4-cache-features --out DIR on these shards and train on DIR/*.tar, "
+                                "or set data.features=false")
+        problem = _features_mismatch(os.path.join(os.path.dirname(shard), FEATURES_JSON), model)
+        if problem is None:
+            import numpy as np
+
+            try:
+                shape = list(np.load(io.BytesIO(raw[FEATURES_FIELD]), allow_pickle=False).shape)
+            except (ValueError, OSError, EOFError):
+                continue  # an unreadable sample is the stream's to skip and count
+            if shape != expected:
+                problem = f"its features have shape {shape}, this model takes {expected} (image tokens, width)"
+        if problem:
+            raise ConfigError(f"data.features=true: {shard} was cached for another model: {problem}. Recompute "
+                              f"the features with mgpt4-cache-features and this config, or fix model.*")
+
+
+def _features_mismatch(path: str, model: ModelConfig) -> str | None:
+    """Which recorded tower settings of a features.json differ from `model`, or None."""
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("model", {})
+    except (OSError, ValueError):
+        return None
+    ours = towers_summary(model)
+    diffs = []
+    for key in ("has_qformer", "vit", "qformer"):
+        if key not in recorded or key not in ours:
+            continue
+        if isinstance(ours[key], dict):
+            diffs += [f"model.{key}.{k} {recorded[key][k]} there, {v} here" for k, v in ours[key].items()
+                      if k in recorded[key] and recorded[key][k] != v]
+        elif recorded[key] != ours[key]:
+            diffs.append(f"model.{key} {recorded[key]} there, {ours[key]} here")
+    if diffs:
+        return f"{path} records {'; '.join(diffs)}"
+    for key in ("vit_checkpoint", "qformer_checkpoint"):
+        if recorded.get(key, getattr(model, key)) != getattr(model, key):
+            log.warning("%s: the features were computed with model.%s=%s, this run has %s (the same weights moved?)",
+                        path, key, recorded[key] or '""', getattr(model, key) or '""')
+    return None

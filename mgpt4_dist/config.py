@@ -60,10 +60,14 @@ class ModelConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     # A Hugging Face LLaMA folder (config.json, weights, tokenizer.model).
     llm_path: str = ""
-    # Original weight files; empty = random init seeded by train.seed (tests, benchmarks).
+    # Original weight files. The frozen towers' files are required (mgpt4-train, eval-loss, chat,
+    # cache-features refuse empty ones) unless allow_random_weights; proj_checkpoint is optional.
     vit_checkpoint: str = ""
     qformer_checkpoint: str = ""
     proj_checkpoint: str = ""
+    # True: an empty vit_checkpoint/qformer_checkpoint means random towers seeded by train.seed
+    # (tests, benchmarks); a warning says so.
+    allow_random_weights: bool = False
     # ln_vision's eps is the BLIP-2 default, not the ViT's.
     ln_vision_eps: float = 1e-5
     # The original clips the condition (prompt + image tokens) to this many positions.
@@ -159,6 +163,16 @@ class CheckpointConfig:
     keep_last: int = 3
     # auto (continue from RUN_DIR/checkpoints/latest if present) | never | PATH
     resume: str = "auto"
+    # True: resume even when the config changed in a way that breaks exact resume (micro batch,
+    # accumulation, world size, precision, data sources...); the changes are printed either way.
+    allow_changes: bool = False
+
+
+@dataclass
+class RunConfig:
+    # True (with checkpoint.resume=never): clear RUN_DIR's checkpoints, metrics and TensorBoard
+    # events of an earlier run before starting; without it such a run dir is refused.
+    overwrite: bool = False
 
 
 @dataclass
@@ -172,6 +186,7 @@ class LoggingConfig:
 @dataclass
 class JobConfig:
     run_dir: str = "runs/default"
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -364,6 +379,9 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("train.stop_at_step and train.global_batch_size must be >= 0")
     if cfg.checkpoint.every_steps < 1:
         raise ConfigError("checkpoint.every_steps must be >= 1")
+    if cfg.run.overwrite and cfg.checkpoint.resume != "never":
+        raise ConfigError(f"run.overwrite=true clears the run dir, which checkpoint.resume={cfg.checkpoint.resume} "
+                          f"would continue from: add checkpoint.resume=never to start over")
     own_vit_dtype = cfg.model.vit_precision not in ("train", cfg.train.precision)
     if own_vit_dtype and cfg.parallel.backend == "fsdp":
         raise ConfigError(

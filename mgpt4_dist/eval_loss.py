@@ -15,6 +15,7 @@ import torch
 from mgpt4_dist.config import JobConfig, load_prompts
 from mgpt4_dist.data.transforms import build_image_transform, decode_image
 from mgpt4_dist.models.llm import load_tokenizer
+from mgpt4_dist.models.loading import require_frozen_weights
 from mgpt4_dist.models.minigpt4 import build_minigpt4
 from mgpt4_dist.models.sequence import SequenceBuilder
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES
@@ -59,6 +60,7 @@ def eval_loss(cfg: JobConfig, images_BCHW: torch.Tensor, answers: Sequence[str],
               instruction: Optional[str] = None, device: str = "cpu") -> dict:
     if len(answers) != images_BCHW.shape[0]:
         raise ValueError(f"{images_BCHW.shape[0]} images but {len(answers)} answers")
+    require_frozen_weights(cfg.model)
     dtype = PRECISION_DTYPES[cfg.train.precision]
     model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=dtype, device_type=torch.device(device).type)
     model.to(device).eval()

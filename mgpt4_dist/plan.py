@@ -51,13 +51,25 @@ CHOICES = [
 ]
 
 
-def parse_bytes(text: str) -> int:
-    units = {"gib": GiB, "gb": 10 ** 9, "mib": 2 ** 20, "mb": 10 ** 6, "": 1}
-    t = text.strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
+# Memory size units; a bare number is GiB (how GPU memory is quoted: "80" means an 80 GiB GPU).
+SIZE_UNITS = {"tib": 2 ** 40, "t": 2 ** 40, "tb": 10 ** 12, "gib": GiB, "g": GiB, "gb": 10 ** 9, "mib": 2 ** 20,
+              "m": 2 ** 20, "mb": 10 ** 6, "": GiB}
+
+
+def parse_bytes(text: str, what: str = "a memory size") -> int:
+    """'80GiB', '80G' (GiB), '40GB' (10^9), '512MiB', or a bare number of GiB ('80')."""
+    t = text.strip().lower().replace(" ", "")
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
         if t.endswith(unit):
-            return int(float(t[: len(t) - len(unit)] or 0) * units[unit])
-    raise ValueError(f"cannot read a memory size from {text!r} (e.g. 80GiB)")
+            try:
+                value = float(t[: len(t) - len(unit)])
+            except ValueError:
+                break
+            if value < 0:
+                break
+            return int(value * SIZE_UNITS[unit])
+    raise ValueError(f"cannot read {what} from {text!r}: give a size such as 80GiB, 80G or 80 (GiB), "
+                     f"40GB, 512MiB")
 
 
 def llm_shape(cfg: JobConfig, llm: Optional[str] = None) -> dict:
@@ -168,7 +180,7 @@ def plan(cfg: JobConfig, ranks: int, gpu_mem: int, llm: Optional[str] = None, ov
             best = lo
         rows.append({"choice": name, "backend": backend, "zero_stage": stage, "offload": offload, **mem,
                      "activations": act(micro), "overhead": overhead, "total": total, "fits": total <= gpu_mem,
-                     "max_micro_batch": best})
+                     "max_micro_batch": best, "total_at_micro_batch_1": fixed + act(1)})
     return {"ranks": ranks, "gpu_mem": gpu_mem, "precision": precision, "micro_batch_size": micro, "seq_len": seq,
             "frozen_params": counts.frozen, "trainable_params": counts.trainable,
             "activation_checkpointing": ckpt, "rows": rows}
@@ -187,15 +199,26 @@ def format_plan(result: dict) -> str:
         lines.append(f"{r['choice']:22} {g(r['frozen'])} {g(r['trainable'])} {g(r['grads'])} {g(r['optimizer'])} "
                      f"{g(r['activations'])} {g(r['overhead'])} {g(r['total'])}  {'yes' if r['fits'] else 'NO ':4}"
                      f"  {r['max_micro_batch']}")
-    fitting = [r for r in result["rows"] if r["max_micro_batch"] > 0 and r["offload"] == "none"]
-    if fitting:
-        best = max(fitting, key=lambda r: (r["max_micro_batch"], -r["zero_stage"]))
-        lines.append(f"recommended: {best['choice']} with train.micro_batch_size={best['max_micro_batch']} "
-                     f"(largest that fits without offload; 'other' = {best['overhead'] / GiB:.0f} GiB allowance for "
-                     f"CUDA context, buffers, fragmentation)")
-    else:
-        lines.append("nothing fits without offload: use zero3+off-opt+params or more GPUs")
+    lines.append(recommendation(result))
     return "\n".join(lines)
+
+
+def recommendation(result: dict) -> str:
+    """The choice to run: never one that does not fit. Without offload if any fits, else the
+    offload choice that fits the largest micro-batch, else what GPU memory would do."""
+    rows = result["rows"]
+    other = f"'other' = {rows[0]['overhead'] / GiB:.0f} GiB allowance for CUDA context, buffers, fragmentation"
+    for offload_ok in (False, True):
+        fitting = [r for r in rows if r["max_micro_batch"] > 0 and (offload_ok or r["offload"] == "none")]
+        if fitting:
+            best = max(fitting, key=lambda r: (r["max_micro_batch"], -r["zero_stage"], r["offload"] == "none"))
+            how = "with offload: nothing fits without it" if offload_ok else "without offload"
+            return (f"recommended: {best['choice']} with train.micro_batch_size={best['max_micro_batch']} "
+                    f"(largest that fits {how}; {other})")
+    least = min(rows, key=lambda r: r["total_at_micro_batch_1"])
+    return (f"nothing fits in {result['gpu_mem'] / GiB:.2f} GiB per GPU, not even {least['choice']} at micro batch 1, "
+            f"which needs {least['total_at_micro_batch_1'] / GiB:.1f} GiB: use GPUs with at least that much, or more "
+            f"GPUs (ZeRO-3/FSDP shard the frozen weights across them); {other}")
 
 
 def measure_saved_activation_bytes(model, images, text) -> int:

@@ -24,15 +24,18 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from mgpt4_dist import dist, envreport
+from mgpt4_dist import dist, envreport, run_dir
 from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_checkpoint, save_checkpoint,
-                                   set_rng_state, step_tag)
+                                   saved_world_size, set_rng_state, step_tag)
+from mgpt4_dist.cache_features import check_sources_kind
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
+from mgpt4_dist.errors import UserError
 from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.metrics import MetricsLogger
 from mgpt4_dist.profiling import StepProfiler
 from mgpt4_dist.models.llm import load_tokenizer
+from mgpt4_dist.models.loading import require_frozen_weights
 from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
 from mgpt4_dist.models.sequence import SequenceBuilder
 from mgpt4_dist.parallel import build_engine
@@ -108,6 +111,19 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
     accum = resolve_grad_accum(cfg, world)
     sources = resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)])
     prompts = load_prompts(cfg.data)
+    require_frozen_weights(cfg.model)
+    check_sources_kind(sources, cfg.data.features, cfg.model)
+    # Before anything is written: no second run over an earlier one, no silent change on resume.
+    point = find_resume_point(cfg)
+    run_dir.check_run_dir(cfg, point is not None, rank)
+    finished = point is not None and run_dir.finished_at(point.tag, cfg)
+    if finished:
+        if rank == 0:
+            print(finished, flush=True)
+        return {"step": run_dir.checkpoint_step(point.tag), "loss": None, "checkpoint": point.path,
+                "run_dir": cfg.run_dir, "preempted": False}
+    if point is not None:
+        run_dir.check_resume_changes(cfg, point.path, saved_world_size(point), world, accum)
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -141,7 +157,6 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
     np.random.seed(cfg.train.seed + rank)
     torch.manual_seed(cfg.train.seed + rank)
     step, nonfinite_steps, data_start = 0, 0, None
-    point = find_resume_point(cfg)
     if point is not None:
         state = load_checkpoint(engine, point, cfg, rank, world)
         step, nonfinite_steps, data_start = state["step"], state.get("nonfinite_steps", 0), state["data"]
@@ -261,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         train(cfg, profile=args.profile)
-    except (ConfigError, FileNotFoundError, TrainingAborted, CheckpointMismatch) as e:
+    except (UserError, FileNotFoundError, TrainingAborted, CheckpointMismatch) as e:
         print(f"mgpt4-train: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingAborted) else 3
     except (torch.distributed.DistError, RuntimeError) as e:

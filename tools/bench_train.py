@@ -208,7 +208,8 @@ def main() -> None:
         base = (SMALL if args.preset == "small" else PRESET_7B) + [
             f"model.llm_path={assets['llm']}", f"data.shards=[{assets['shards']}]",
             f"train.micro_batch_size={args.micro_batch}", f"data.num_workers={workers}",
-            f"train.precision={args.precision}", f"logging.peak_flops={args.peak_flops}"]
+            f"train.precision={args.precision}", f"logging.peak_flops={args.peak_flops}",
+            "model.allow_random_weights=true"]  # random towers of the benchmark's shapes
         global_batch = args.micro_batch * args.nproc
         rows = []
         out = os.path.join(tmp, "original.json")

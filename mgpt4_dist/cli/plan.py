@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for mgpt4-train")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpu-mem", default="80GiB", help="memory of one GPU, e.g. 80GiB, 40GB")
+    p.add_argument("--gpu-mem", default="80GiB",
+                   help="memory of one GPU: 80GiB, 80G or 80 (a bare number is GiB), 40GB (10^9 bytes), 81920MiB")
     p.add_argument("--llm", choices=sorted(BUILTIN_LLMS), default=None,
                    help="LLM shape when model.llm_path has no config.json (Vicuna v0 7B/13B)")
     p.add_argument("--overhead", default="2GiB", help="allowance per rank for CUDA context, buffers, fragmentation")
@@ -31,8 +32,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = plan(cfg, args.gpus_per_node * args.nodes, parse_bytes(args.gpu_mem), llm=args.llm,
-                      overhead=parse_bytes(args.overhead))
+        result = plan(cfg, args.gpus_per_node * args.nodes, parse_bytes(args.gpu_mem, "--gpu-mem"), llm=args.llm,
+                      overhead=parse_bytes(args.overhead, "--overhead"))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mgpt4-plan: error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 # A stream that visits this many shards in a row without one good sample gives up.
 MAX_EMPTY_SHARDS_IN_ROW = 64
+# Bad samples a stream names in the log; later ones are only counted. A bad sample met again on a
+# later resampled pass is never named twice. The count itself is printed once, in the progress line,
+# metrics.jsonl (`skipped`) and TensorBoard (data/skipped): the bad samples in the batches consumed
+# so far, all ranks together (workers read ahead, so their own running counts would disagree).
+MAX_SKIP_WARNINGS = 20
 
 
 @dataclass
@@ -117,6 +122,18 @@ class ShardStream(IterableDataset):
         transform = build_resize_transform(self.image_size)
         pos = dict(position)
         empty_in_row = 0
+        warned: set = set()
+
+        def warn(what: tuple, message: str) -> None:
+            if what in warned or len(warned) > MAX_SKIP_WARNINGS:
+                return
+            warned.add(what)
+            if len(warned) > MAX_SKIP_WARNINGS:
+                log.warning("stream %d: more bad samples; they are counted (`skipped` in the progress line and "
+                            "metrics.jsonl) but no longer named", stream)
+            else:
+                log.warning("stream %d: skipping %s", stream, message)
+
         while True:
             shard = self.shard_at(stream, pos["epoch"], pos["index"])
             if shard is None:  # end of this stream's split for the epoch
@@ -135,13 +152,13 @@ class ShardStream(IterableDataset):
                             image, caption = decode_sample(raw, transform, self.clean_captions, self.max_caption_words)
                     except BadSampleError as e:
                         pos["skipped"] += 1
-                        log.warning("skipping bad sample (%d so far on stream %d): %s", pos["skipped"], stream, e)
+                        warn((shard, n), f"bad sample: {e}")
                         continue
                     good += 1
                     yield image, caption, raw.get("__key__", ""), dict(pos)
             except (BadSampleError, OSError) as e:
                 pos["skipped"] += 1
-                log.warning("skipping rest of shard %s: %s", shard, e)
+                warn((shard, "rest"), f"rest of shard {shard}: {e}")
             empty_in_row = 0 if good else empty_in_row + 1
             if empty_in_row >= MAX_EMPTY_SHARDS_IN_ROW:
                 raise RuntimeError(f"stream {stream}: {empty_in_row} shards in a row gave no usable sample "

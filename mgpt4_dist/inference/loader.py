@@ -96,7 +96,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Union
     llm_path / vit_checkpoint / qformer_checkpoint override the frozen weight paths of the config.
     """
     from mgpt4_dist.models.llm import load_tokenizer
-    from mgpt4_dist.models.loading import load_proj_checkpoint
+    from mgpt4_dist.models.loading import load_proj_checkpoint, require_frozen_weights
     from mgpt4_dist.models.minigpt4 import MiniGPT4, build_vision_towers
 
     device = torch.device(device)
@@ -117,6 +117,9 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Union
         if value and not full and not os.path.exists(value):
             raise FileNotFoundError(f"{path}/config.yaml: model.{name}={value} does not exist here; pass "
                                     f"{name}=... (mgpt4-chat --{name.replace('_', '-')}) to point at the frozen weights")
+    if not full:  # a --full folder carries the towers' weights itself
+        require_frozen_weights(cfg.model, f" in {path}/config.yaml (pass --vit-checkpoint/--qformer-checkpoint to "
+                                          f"mgpt4-chat, or the same arguments to load_model)")
     vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed)
     if full:
         llm = _llm_skeleton(cfg, dtype)

@@ -85,6 +85,9 @@ def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa", build=N
                          "(mgpt4-make-tiny-assets writes a tiny one)")
     if not os.path.isfile(os.path.join(llm_path, "config.json")):
         raise FileNotFoundError(f"model.llm_path={llm_path}: no config.json there; expected a Hugging Face LLaMA folder")
+    from mgpt4_dist.models.loading import log_weight_files
+
+    log_weight_files("LLM (model.llm_path)", llm_path)
     if build is not None and build.sharded:
         return _load_llm_into_sharded(llm_path, dtype, attn_impl, build)
     # Old folders may carry rotary_emb.inv_freq buffers; transformers drops them. Anything missing

@@ -7,6 +7,7 @@ found shapes. Files handed to us are read with `weights_only=True` (or safetenso
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -15,6 +16,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
+from mgpt4_dist.config import ConfigError
 from mgpt4_dist.errors import UserError
 from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_shape
 
@@ -23,6 +25,64 @@ log = logging.getLogger(__name__)
 
 class CheckpointMismatchError(UserError, ValueError):
     """A weight file that does not fit the configured model."""
+
+
+# Bytes read from each end of a weight file for its quick hash: cheap for a multi-GB file, and any
+# two different real checkpoints differ within them (headers, first and last tensors).
+QUICK_HASH_BYTES = 4 * 2 ** 20
+
+
+def quick_hash(path: str) -> str:
+    """12 hex digits of sha256(size, first and last 4 MiB): identifies a file without reading all of it."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(QUICK_HASH_BYTES))
+        if size > 2 * QUICK_HASH_BYTES:
+            f.seek(size - QUICK_HASH_BYTES)
+        digest.update(f.read(QUICK_HASH_BYTES))
+    return digest.hexdigest()[:12]
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
+WEIGHT_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def log_weight_files(what: str, path: str) -> None:
+    """One log line per weight file read for `what`: path, size and quick hash (a folder: each of
+    its weight files)."""
+    files = [path] if not os.path.isdir(path) else sorted(
+        os.path.join(path, n) for n in os.listdir(path) if n.endswith(WEIGHT_EXTENSIONS))
+    for file in files:
+        if os.path.isfile(file):
+            log.info("weights: %s from %s (%s, quick hash %s = sha256 of size + first/last 4 MiB)", what, file,
+                     _human_size(os.path.getsize(file)), quick_hash(file))
+
+
+def require_frozen_weights(cfg, where: str = "") -> None:
+    """Refuse empty frozen-tower paths of a ModelConfig unless random towers are asked for
+    (model.allow_random_weights): a run on random towers trains and its loss falls, but the result
+    is worthless. `where` says where the config came from, for the message."""
+    empty = [key for key, needed in (("vit_checkpoint", True), ("qformer_checkpoint", cfg.has_qformer))
+             if needed and not getattr(cfg, key)]
+    if not empty:
+        return
+    names = " and ".join(f"model.{key}" for key in empty)
+    if not cfg.allow_random_weights:
+        towers = {"vit_checkpoint": ("ViT", "eva_vit_g.pth"), "qformer_checkpoint": ("Q-Former", "blip2_pretrained_flant5xxl.pth")}
+        raise ConfigError(f"{names} {'is' if len(empty) == 1 else 'are'} empty{where}: the frozen "
+                        f"{' and '.join(towers[k][0] for k in empty)} would be random; set "
+                        + " ".join(f"model.{k}=PATH/{towers[k][1]}" for k in empty)
+                        + ", or model.allow_random_weights=true for a test run on random towers")
+    log.warning("model.allow_random_weights=true and %s empty: the frozen towers are RANDOM (seeded), "
+                "not pretrained", names)
 
 
 def read_weights(path: str, mmap: bool = False) -> dict:
@@ -80,6 +140,7 @@ def load_vit_checkpoint(vit: nn.Module, path: str, build: Optional[LocalBuild] =
     are reported and ignored.
     """
     build = build or LocalBuild()
+    log_weight_files("EVA ViT (model.vit_checkpoint)", path)
     state = read_weights(path, mmap=build.sharded)
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
@@ -152,6 +213,7 @@ def qformer_state_from_blip2(state: Dict[str, torch.Tensor]) -> tuple[dict, list
 def load_qformer_checkpoint(qformer: nn.Module, path: str, build: Optional[LocalBuild] = None) -> None:
     """`blip2_pretrained*.pth`: `{'model': {...}}` with query_tokens, ln_vision, Qformer.bert.*."""
     build = build or LocalBuild()
+    log_weight_files("Q-Former (model.qformer_checkpoint)", path)
     raw = read_weights(path, mmap=build.sharded)
     state = raw["model"] if isinstance(raw.get("model"), dict) else raw
     ours, skipped = qformer_state_from_blip2(state)
@@ -189,14 +251,18 @@ def read_proj_source(path: str) -> dict:
     run, its checkpoints folder or one step folder (the trained tensors read from the sharded
     checkpoint, fp32 master copy, any backend and world size)."""
     if not os.path.isdir(path):
+        log_weight_files("llama_proj (model.proj_checkpoint)", path)
         return read_weights(path)
     for name in ("minigpt4.pth", "model.safetensors"):
         if os.path.isfile(os.path.join(path, name)):
+            log_weight_files("llama_proj (model.proj_checkpoint)", os.path.join(path, name))
             return read_weights(os.path.join(path, name))
     from mgpt4_dist.consolidate import read_checkpoint, resolve_step_dir
 
     try:
-        return read_checkpoint(resolve_step_dir(path)).tensors("fp32")
+        step_dir = resolve_step_dir(path)
+        log_weight_files("llama_proj (model.proj_checkpoint, training checkpoint)", step_dir)
+        return read_checkpoint(step_dir).tensors("fp32")
     except (OSError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: a folder that is neither an mgpt4-consolidate output nor a "
                                       f"training checkpoint ({e})") from e

@@ -139,6 +139,15 @@ def compute_vision_features(visual_encoder: EvaViT, qformer: Optional[QFormer], 
 VIT_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def vision_feature_shape_of(cfg: ModelConfig) -> tuple[int, int]:
+    """(image tokens, feature width) the towers of `cfg` produce, from the config alone (what a
+    cached-feature shard must hold; see `vision_feature_shape` for built towers)."""
+    if cfg.has_qformer:
+        return cfg.qformer.num_query_tokens, cfg.qformer.hidden_size
+    patches = (cfg.vit.img_size // cfg.vit.patch_size) ** 2
+    return patches // PATCHES_PER_TOKEN, cfg.vit.embed_dim * PATCHES_PER_TOKEN
+
+
 def vit_dtype(cfg: ModelConfig, train_dtype: torch.dtype) -> torch.dtype:
     """The frozen ViT's dtype: model.vit_precision, or the training precision for `train`."""
     return train_dtype if cfg.vit_precision == "train" else VIT_PRECISION_DTYPES[cfg.vit_precision]
@@ -198,6 +207,7 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
     if cfg.proj_checkpoint:
         loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint, build)
     else:
+        log.info("weights: llama_proj randomly initialised (no model.proj_checkpoint)")
         init_llama_proj(model.llama_proj, seed + 2, build)
     if not build.sharded:
         cast_parameters(model, dtype, vit_dtype(cfg, dtype))

@@ -65,8 +65,9 @@ def test_nonfinite_losses_in_a_row_abort_and_keep_the_checkpoint(tiny_assets, ru
               launcher="none")
     ckpt = run_dir / "checkpoints"
     before = {p: (ckpt / "step_00000002" / p).stat().st_mtime_ns for p in os.listdir(ckpt / "step_00000002")}
+    # The resume switches data.shards to the corrupt shard: a change it must opt in to.
     proc = run_train(args(tiny_assets, bad, run_dir, "train.max_steps=4", "train.max_nonfinite_in_row=3",
-                          "checkpoint.every_steps=2"), launcher="none", check=False)
+                          "checkpoint.every_steps=2", "checkpoint.allow_changes=true"), launcher="none", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "3 non-finite losses in a row at step 3: aborting" in out, out[-3000:]
