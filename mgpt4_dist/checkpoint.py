@@ -6,16 +6,20 @@ any point leaves the previous checkpoint loadable. `latest` holds the tag as pla
 file DeepSpeed's own tools (e.g. `zero_to_fp32.py`) read.
 
 Beside the engine's files each rank writes `trainer_state_rank{R}.pt` (step, data position, RNG
-states): small, weights-only-loadable types only.
+states): small, weights-only-loadable types only; rank 0 writes `trainable_state.safetensors`, the
+engine-neutral trainable state gathered by `Engine.get_full_state` (fp32 llama_proj, Adam moments,
+Adam step, lr schedule, counters; see `write_trainable_state` for its keys). That file is the one
+source of consolidation, export, `model.proj_checkpoint` and resharded resume; the engine's own
+files serve a resume on the same engine and layout, and DeepSpeed's tools (`zero_to_fp32.py`).
 
 Resuming (`load_checkpoint`):
 - same backend, world size (and ZeRO stage for DeepSpeed): the engine's own loader, each rank's
   trainer state and RNG states as saved: the run continues bit for bit;
-- another backend (DeepSpeed ZeRO 1-3 <-> FSDP2), world size or ZeRO stage: the checkpoint is
-  resharded. A `mgpt4_dist.consolidate` reader of the writing backend gives the full fp32 master
-  weights and Adam moments tensor by tensor, with the Adam step, lr schedule and counters (steps,
-  fp16 loss scale); `Engine.load_full_state` writes them into the new engine's shards and reads
-  them back for an exact comparison before training. Nothing here knows either engine's internals.
+- another backend (DeepSpeed ZeRO 0-3 <-> FSDP2), world size or ZeRO stage: the checkpoint is
+  resharded. `trainable_state.safetensors` gives the full fp32 master weights and Adam moments,
+  with the Adam step, lr schedule and counters (steps, fp16 loss scale); `Engine.load_full_state`
+  writes them into the new engine's shards and reads them back for an exact comparison before
+  training. Nothing here knows either engine's internals.
 - data position: with the same world size (and data.num_workers) the streams are the same, so
   every rank continues its own position and RNG exactly, whatever the engine; otherwise the
   positions are rescaled (`rescale_data_state`: fresh deterministic positions past everything
@@ -40,10 +44,9 @@ import torch
 from mgpt4_dist import dist
 from mgpt4_dist.config import JobConfig, save_config
 from mgpt4_dist.errors import UserError
+from mgpt4_dist.trainable_state import TAG_RE, TRAINABLE_STATE, TrainableState, write_trainable_state
 
 log = logging.getLogger(__name__)
-
-TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
 def step_tag(step: int) -> str:
@@ -93,9 +96,13 @@ def save_checkpoint(engine, cfg: JobConfig, step: int, trainer_state: dict, rank
         shutil.rmtree(os.path.join(root, tmp_tag), ignore_errors=True)
     dist.barrier()
     engine.save(root, tmp_tag)
+    full_state = engine.get_full_state()  # collective: every rank gathers, rank 0 writes
     _test_pause(step)
     tmp = os.path.join(root, tmp_tag)
     os.makedirs(tmp, exist_ok=True)
+    if rank == 0:
+        write_trainable_state(full_state, os.path.join(tmp, TRAINABLE_STATE))
+    del full_state
     state = {**trainer_state, "step": step, "rng": rng_state()}
     torch.save(state, os.path.join(tmp, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
@@ -210,12 +217,11 @@ def saved_world_size(point: ResumePoint) -> int:
     return len([n for n in os.listdir(point.path) if re.match(r"^trainer_state_rank\d+\.pt$", n)])
 
 
-def check_model_fits(point: ResumePoint, model: torch.nn.Module, reader=None) -> None:
+def check_model_fits(point: ResumePoint, model: torch.nn.Module, reader: Optional[TrainableState] = None) -> None:
     """Fail before training when the checkpoint's trainable tensors do not fit the configured model."""
-    from mgpt4_dist.consolidate import read_checkpoint
     from mgpt4_dist.models.build import full_shape
 
-    saved = (reader or read_checkpoint(point.path)).shapes()
+    saved = (reader or TrainableState(point.path)).shapes()
     # Whole shapes: ZeRO-3 leaves empty placeholders in the module; FSDP's DTensors report theirs.
     wanted = {n: full_shape(p) for n, p in model.named_parameters() if p.requires_grad}
     problems = [f"missing {sorted(set(wanted) - set(saved))}"] if set(wanted) - set(saved) else []
@@ -245,25 +251,31 @@ def load_checkpoint(engine, point: ResumePoint, cfg: JobConfig, rank: int, world
 
     Collective. See the module docstring for the same-layout and resharded paths.
     """
-    from mgpt4_dist.consolidate import read_checkpoint
     from mgpt4_dist.data.pipeline import rescale_data_state
 
     meta = read_checkpoint_meta(point)
-    reader = read_checkpoint(point.path)
-    check_model_fits(point, engine.module, reader)
     old_world = saved_world_size(point)
     old_backend = meta.get("backend", "deepspeed")
     same_stage = int(meta.get("zero_stage", cfg.parallel.zero_stage)) == cfg.parallel.zero_stage
     # FSDP has no ZeRO stage: its checkpoints record the config's unused default.
     same_layout = (old_world == world_size and old_backend == cfg.parallel.backend
                    and (same_stage or cfg.parallel.backend != "deepspeed"))
+    saved = None
+    if same_layout and not os.path.isfile(os.path.join(point.path, TRAINABLE_STATE)):
+        # Written before every checkpoint had the file: the engine reads its own files (and checks
+        # their shapes itself); the next checkpoint of this run has the file.
+        log.warning("%s has no %s (an older checkpoint): resuming through the engine's own files",
+                    point.path, TRAINABLE_STATE)
+    else:
+        saved = TrainableState(point.path)
+        check_model_fits(point, engine.module, saved)
     if same_layout:
         engine.load(point.root, point.tag)
     else:
         log.info("resharding %s: written by %d ranks (%s), resuming on %d ranks (%s)", point.path, old_world,
                  _layout(old_backend, meta.get("zero_stage")), world_size,
                  _layout(cfg.parallel.backend, cfg.parallel.zero_stage))
-        load_resharded(engine, reader)
+        load_resharded(engine, saved)
     workers = max(1, cfg.data.num_workers)
     if old_world == world_size:
         # The same streams (rank x worker) exist again, whatever the engine: each rank continues its
@@ -293,16 +305,12 @@ def _layout(backend: str, zero_stage) -> str:
     return f"deepspeed ZeRO-{zero_stage}" if backend == "deepspeed" else backend
 
 
-def load_resharded(engine, reader) -> None:
-    """Write a checkpoint's full fp32 weights, Adam moments, Adam step, lr schedule and counters (from a
-    `mgpt4_dist.consolidate` reader of either backend) into an engine of another layout; the engine
-    reads them back and compares exactly (`Engine.load_full_state`). Only llama_proj trains, so the
-    full tensors are held at once: a few MB even for the 13B LLM."""
-    from mgpt4_dist.consolidate import MOMENTS
-
-    weights = reader.tensors("fp32")
-    moments = {kind: reader.tensors(kind) for kind in MOMENTS}
-    adam_step = reader.optimizer_step()
-    engine.load_full_state(weights, moments, adam_step, reader.lr_scheduler, reader.counters())
+def load_resharded(engine, saved: TrainableState) -> None:
+    """Write a checkpoint's full fp32 weights, Adam moments, Adam step, lr schedule and counters (its
+    trainable state, whichever engine wrote it) into an engine of another layout; the engine reads them
+    back and compares exactly (`Engine.load_full_state`). Only llama_proj trains, so the full tensors
+    are held at once: a few MB even for the 13B LLM."""
+    state = saved.full_state()
+    engine.load_full_state(state)
     log.info("resharded resume: %d tensors, their Adam moments (step %s) and the lr schedule restored and verified",
-             len(weights), adam_step)
+             len(state.weights), state.adam_step)

@@ -21,12 +21,12 @@ from typing import List, Optional
 def export(checkpoint: str, fmt: str, out: str) -> dict:
     from safetensors.torch import save_file
 
-    from mgpt4_dist.consolidate import (inference_config, read_checkpoint, read_meta, read_run_config,
-                                        resolve_step_dir, write_minigpt4_pth)
+    from mgpt4_dist.trainable_state import TrainableState
+    from mgpt4_dist.consolidate import inference_config, read_meta, read_run_config, resolve_step_dir, write_minigpt4_pth
 
     step_dir = resolve_step_dir(checkpoint)
     cfg = read_run_config(step_dir)
-    tensors = dict(read_checkpoint(step_dir).iter_tensors("fp32"))
+    tensors = TrainableState(step_dir).tensors("fp32")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if fmt == "minigpt4":
         write_minigpt4_pth(tensors, out)

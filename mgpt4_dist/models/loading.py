@@ -248,8 +248,8 @@ def proj_state_from_file(state: dict) -> Dict[str, torch.Tensor]:
 def read_proj_source(path: str) -> dict:
     """What `model.proj_checkpoint` names: a weight file (a MiniGPT-4 .pth, our minigpt4.pth or
     model.safetensors), or a folder: one written by mgpt4-consolidate (its minigpt4.pth), a training
-    run, its checkpoints folder or one step folder (the trained tensors read from the sharded
-    checkpoint, fp32 master copy, any backend and world size)."""
+    run, its checkpoints folder or one step folder (the fp32 master weights of the step folder's
+    engine-neutral trainable state, whichever engine and world size wrote it)."""
     if not os.path.isdir(path):
         log_weight_files("llama_proj (model.proj_checkpoint)", path)
         return read_weights(path)
@@ -257,12 +257,13 @@ def read_proj_source(path: str) -> dict:
         if os.path.isfile(os.path.join(path, name)):
             log_weight_files("llama_proj (model.proj_checkpoint)", os.path.join(path, name))
             return read_weights(os.path.join(path, name))
-    from mgpt4_dist.consolidate import read_checkpoint, resolve_step_dir
+    # A run or step folder: its engine-neutral trainable state (a plain safetensors file), not an engine's files.
+    from mgpt4_dist.trainable_state import read_trainable_state
 
     try:
-        step_dir = resolve_step_dir(path)
-        log_weight_files("llama_proj (model.proj_checkpoint, training checkpoint)", step_dir)
-        return read_checkpoint(step_dir).tensors("fp32")
+        state = read_trainable_state(path)
+        log_weight_files("llama_proj (model.proj_checkpoint, training checkpoint)", state.path)
+        return state.tensors("fp32")
     except (OSError, ValueError) as e:
         raise CheckpointMismatchError(f"{path}: a folder that is neither an mgpt4-consolidate output nor a "
                                       f"training checkpoint ({e})") from e

@@ -13,6 +13,7 @@ from torch import nn
 from mgpt4_dist.config import JobConfig
 from mgpt4_dist.optim import build_optimizer, build_scheduler
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
+from mgpt4_dist.trainable_state import MOMENTS, FullState
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +140,103 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint at {os.path.join(ckpt_root, tag)}")
 
-    def load_full_state(self, weights: dict, moments: dict, adam_step: Optional[int], scheduler_state: Optional[dict],
-                        counters: dict) -> None:
-        """Any ZeRO stage: through DeepSpeed's tensor-fragment API (`safe_set_full_fp32_param`,
-        `safe_set_full_optimizer_state`), which maps a full tensor onto this rank's partition."""
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+    # ------------------------------------------------------------------ the engine-neutral state
+    # ZeRO 1-3 (and DeepSpeed's bf16 optimizer at ZeRO-1) map every parameter onto the flat fp32
+    # partitions: DeepSpeed's tensor-fragment API (`safe_get_full_*` / `safe_set_full_*`) reads and
+    # writes a whole tensor through that map, collectively. ZeRO-0 keeps no such map: every rank
+    # holds every master tensor whole, found by `_zero0_masters`.
 
-        if self.cfg.parallel.zero_stage == 0:
-            raise NotImplementedError(
-                "a resharded resume into ZeRO-0 is not supported (it has no fp32 partitions to write into): resume "
-                "with parallel.zero_stage=1, 2 or 3, or on the checkpoint's own backend, ZeRO stage and world size")
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch (or CPU) AdamW that holds the moments, inside DeepSpeed's wrapper if any."""
+        opt = self.engine.optimizer
+        return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+    def _zero0_masters(self) -> dict:
+        """ZeRO-0: {id(module parameter): the fp32 tensor AdamW updates}. In fp32 DeepSpeed hands
+        AdamW the module's own parameters; in fp16/bf16 it wraps AdamW in FP16_UnfusedOptimizer,
+        which keeps one fp32 copy per parameter."""
+        opt = self.engine.optimizer
+        if isinstance(opt, torch.optim.Optimizer):
+            return {id(p): p for group in opt.param_groups for p in group["params"]}
+        if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+            return {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+        # FP16_Optimizer (flat fp32 groups) is only chosen for DeepSpeed's FusedAdam, which we never build.
+        raise NotImplementedError(f"ZeRO-0 with DeepSpeed's {type(opt).__name__}: its fp32 master layout is not read")
+
+    def _adam_step(self) -> Optional[int]:
+        """AdamW's step counter (the same for every tensor); None before its first step made any state."""
+        for state in self._base_optimizer().state.values():
+            if "step" in state:
+                step = state["step"]
+                return int(step.item() if torch.is_tensor(step) else step)
+        return None
+
+    def _link_moments(self) -> None:
+        """ZeRO-1/2 and the bf16 optimizer: point every parameter's fragment at AdamW's current state.
+        DeepSpeed links them once, right after the first step of the first param group, when the other
+        groups (llama_proj.bias: no weight decay) have no state yet, and never again; linking anew
+        after a step or after filling the state makes every fragment see its moments."""
+        opt = self.engine.optimizer
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def _trainable(self) -> list:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _full(self, param: nn.Parameter, kind: str, masters: Optional[dict]) -> torch.Tensor:
+        """The whole fp32 tensor of `param` (kind "fp32") or of its Adam moment; collective at ZeRO 1-3."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if masters is not None:
+            master = masters[id(param)]
+            got = master if kind == "fp32" else self._base_optimizer().state[master][kind]
+        else:
+            got = safe_get_full_fp32_param(param) if kind == "fp32" else safe_get_full_optimizer_state(param, kind)
+        if got is None:
+            raise RuntimeError(f"DeepSpeed gave no full {kind} tensor for a trainable parameter")
+        return got.detach().float().cpu().clone()
+
+    def _loss_scale(self) -> Optional[float]:
+        opt = self.engine.optimizer
+        config = getattr(opt, "loss_scale_config", None)  # FP16_UnfusedOptimizer keeps the flag there
+        dynamic = getattr(opt, "dynamic_loss_scale", getattr(config, "dynamic_loss_scale", False))
+        return float(opt.loss_scale) if self.cfg.train.precision == "fp16" and dynamic else None
+
+    def get_full_state(self) -> FullState:
         ds = self.engine
-        base = ds.optimizer.optimizer  # the torch AdamW over this rank's fp32 partitions
+        masters = self._zero0_masters() if self.cfg.parallel.zero_stage == 0 else None
+        adam_step = self._adam_step()
+        if adam_step is not None:
+            self._link_moments()
+        weights, moments = {}, {kind: {} for kind in MOMENTS}
+        for name, p in self._trainable():
+            weights[name] = self._full(p, "fp32", masters)
+            for kind in MOMENTS:
+                # Before AdamW's first step (every fp16 step skipped so far) it has no moments: zeros are
+                # what it would start from.
+                moments[kind][name] = (self._full(p, kind, masters) if adam_step is not None
+                                       else torch.zeros_like(weights[name]))
+        schedule = None
+        if ds.lr_scheduler is not None:  # its config object stays behind: the run config rebuilds it
+            schedule = {k: v for k, v in ds.lr_scheduler.state_dict().items() if k != "cfg"}
+        counters = {"global_steps": int(ds.global_steps), "global_samples": int(ds.global_samples),
+                    "skipped_steps": int(ds.skipped_steps), "loss_scale": self._loss_scale()}
+        return FullState(weights, moments, adam_step or 0, schedule, counters)
+
+    def load_full_state(self, state: FullState) -> None:
+        """Any ZeRO stage: through the tensor-fragment API at ZeRO 1-3, into the whole master
+        tensors and AdamW's state at ZeRO-0."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        weights, moments, adam_step, scheduler_state, counters = state
+        ds = self.engine
+        base = self._base_optimizer()
+        params = dict(self._trainable())
+        if set(params) != set(weights):
+            raise RuntimeError(f"resharded resume: the checkpoint holds {sorted(weights)}, the model trains "
+                               f"{sorted(params)}")
+        masters = self._zero0_masters() if self.cfg.parallel.zero_stage == 0 else None
         # Adam creates its state lazily: create it to fill it. ZeRO-3 swaps its flat fp32 partitions
         # into the param groups only during a step, so they are listed separately.
         flat_params = list(getattr(ds.optimizer, "fp32_partitioned_groups_flat", None) or
@@ -161,14 +246,19 @@ class DeepSpeedEngine(Engine):
             for kind in moments:
                 st.setdefault(kind, torch.zeros_like(p, memory_format=torch.preserve_format))
             st["step"] = torch.tensor(float(adam_step or 0))
-        if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link the state just made
-            ds.optimizer._hp_optimizer_states_linked = False
-            ds.optimizer._lazy_init_hp_params_optimizer_state()
-        params = dict(self.module.named_parameters())
-        for name, value in weights.items():
-            safe_set_full_fp32_param(params[name], value)
-            for kind in moments:
-                safe_set_full_optimizer_state(params[name], moments[kind][name], kind)
+        self._link_moments()
+        with torch.no_grad():
+            for name, value in weights.items():
+                p = params[name]
+                if masters is not None:
+                    master = masters[id(p)]
+                    master.copy_(value.to(master.device))
+                    for kind in moments:
+                        base.state[master][kind].copy_(moments[kind][name].to(master.device))
+                else:
+                    safe_set_full_fp32_param(p, value)
+                    for kind in moments:
+                        safe_set_full_optimizer_state(p, moments[kind][name], kind)
         # The bit16 / module copy of the weights follows the fp32 master.
         for name, value in weights.items():
             p = params[name]
@@ -185,15 +275,10 @@ class DeepSpeedEngine(Engine):
         # An FSDP checkpoint does not count samples; every step consumed one global batch.
         ds.global_samples = int(counters.get("global_samples") or ds.global_steps * ds.train_batch_size())
         ds.skipped_steps = int(counters.get("skipped_steps", 0))
-        scaler = getattr(ds.optimizer, "loss_scaler", None)
-        if counters.get("loss_scale") is not None and getattr(ds.optimizer, "dynamic_loss_scale", False) and scaler:
-            scaler.cur_scale = float(counters["loss_scale"])
+        if counters.get("loss_scale") is not None and self._loss_scale() is not None:
+            ds.optimizer.loss_scale = float(counters["loss_scale"])
         # Read back: the new partitions must hold exactly the saved tensors.
         for name, value in weights.items():
-            got = safe_get_full_fp32_param(params[name])
-            if got is None or not torch.equal(got.cpu().float(), value):
-                raise RuntimeError(f"resharded resume: {name} did not round-trip into the engine")
-            for kind in moments:
-                got = safe_get_full_optimizer_state(params[name], kind)
-                if got is None or not torch.equal(got.cpu().float(), moments[kind][name]):
+            for kind, want in [("fp32", value)] + [(k, moments[k][name]) for k in moments]:
+                if not torch.equal(self._full(params[name], kind, masters), want):
                     raise RuntimeError(f"resharded resume: {kind} of {name} did not round-trip into the engine")

@@ -1,4 +1,4 @@
-"""The Engine interface and its builder.
+"""The Engine interface, the build order every backend follows, and the precision check.
 
 Build order (fixed, for every backend; the one place it is written down):
   1. build the model on every rank from the same seed, load original weight files, freeze
@@ -22,22 +22,73 @@ Build order (fixed, for every backend; the one place it is written down):
                   and the root; `MixedPrecisionPolicy` (compute in the precision, reduce in fp32),
                   so `model.vit_precision` other than the training precision is refused;
   5. load a checkpoint if resuming (done by the trainer through `Engine.load`).
+Steps 3-4 are `mgpt4_dist.parallel.build_engine`, kept out of this module so that the backends'
+modules import the interface and nothing imports back.
+
+Before step 4 `check_precision` refuses a `train.precision` the device cannot run (fp16 on a CPU
+without oneDNN fp16, bf16 on a GPU older than Ampere), for both backends, before any training.
+
+Every checkpoint also holds the engine-neutral trainable state (`Engine.get_full_state`, written
+by `mgpt4_dist.checkpoint`): consolidation, export, `model.proj_checkpoint` and a resume on another
+backend, world size or ZeRO stage (`Engine.load_full_state`) read that, never an engine's own files.
 """
 from __future__ import annotations
 
 import abc
-import logging
 import os
 from typing import Optional
 
 import torch
 from torch import nn
 
-from mgpt4_dist.config import JobConfig
-
-log = logging.getLogger(__name__)
+from mgpt4_dist.config import ConfigError
+from mgpt4_dist.trainable_state import FullState
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PrecisionUnsupported(ConfigError):
+    """train.precision names a dtype this device cannot train in."""
+
+
+def _cpu_has_onednn_fp16() -> bool:
+    # DeepSpeed's CPU accelerator asks the same question (CPU_Accelerator.is_fp16_supported) and
+    # refuses fp16 in deepspeed.initialize when the answer is no.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # an older torch or a build without oneDNN
+        return False
+
+
+def precision_problem(precision: str, device: torch.device) -> Optional[str]:
+    """Why `precision` cannot train on `device`, or None. The conditions are DeepSpeed's
+    accelerator checks (`is_fp16_supported` / `is_bf16_supported` of its CPU and CUDA accelerators),
+    applied to both backends so a config runs on both or on neither."""
+    if precision == "fp32":
+        return None
+    other = "bf16 or fp32" if precision == "fp16" else "fp16 or fp32"
+    if device.type == "cpu":
+        if precision == "fp16" and not _cpu_has_onednn_fp16():
+            return (f"train.precision=fp16 is not supported on this CPU (no oneDNN fp16: "
+                    f"torch.ops.mkldnn._is_mkldnn_fp16_supported() is False): use train.precision={other}, "
+                    f"or run on a GPU")
+        return None  # bf16 runs on every x86-64 CPU (emulated where AVX512-BF16/AMX are missing)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return (f"train.precision=bf16 is not supported on this GPU (compute capability {major}.{minor}; "
+                    f"bf16 needs 8.0+): use train.precision={other}")
+        deprecated_ok = major == 6 and os.environ.get("DS_ALLOW_DEPRECATED_FP16", "0") == "1"
+        if precision == "fp16" and major < 7 and not deprecated_ok:
+            return (f"train.precision=fp16 is not supported on this GPU (compute capability {major}.{minor}; "
+                    f"DeepSpeed needs 7.0+, or 6.x with DS_ALLOW_DEPRECATED_FP16=1): use train.precision=fp32")
+    return None
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    problem = precision_problem(precision, device)
+    if problem:
+        raise PrecisionUnsupported(problem)
 
 
 class Engine(abc.ABC):
@@ -72,16 +123,14 @@ class Engine(abc.ABC):
         """Read a checkpoint this backend wrote with the same world size (and ZeRO stage)."""
 
     @abc.abstractmethod
-    def load_full_state(self, weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]],
-                        adam_step: Optional[int], scheduler_state: Optional[dict], counters: dict) -> None:
-        """Collective. Put full (unsharded) fp32 state, as read from a checkpoint of any backend and
-        layout, into this engine's shards, then read it back and raise unless it round-tripped exactly.
+    def get_full_state(self) -> FullState:
+        """Collective (every rank calls it, in step). The whole trainable state gathered from this
+        engine's shards, on the CPU of every rank; the mirror of `load_full_state`."""
 
-        weights: {name: fp32 tensor} of every trainable parameter; moments: {"exp_avg" | "exp_avg_sq":
-        {name: tensor}}; adam_step: AdamW's step counter; scheduler_state: the lr schedule's
-        state_dict (without its config); counters: global_steps, skipped_steps, loss_scale (the fp16
-        dynamic loss scale or None) and optionally global_samples.
-        """
+    @abc.abstractmethod
+    def load_full_state(self, state: FullState) -> None:
+        """Collective. Put a whole trainable state, as read from a checkpoint of any backend and
+        layout, into this engine's shards, then read it back and raise unless it round-tripped exactly."""
 
     def backend_config(self) -> Optional[tuple[str, dict]]:
         """(file name, content) of the backend's resolved config, written beside the run."""
@@ -94,46 +143,3 @@ class Engine(abc.ABC):
     def param_bytes(self) -> int:
         """Bytes of parameter storage this rank holds (its shards only, when sharded)."""
         return sum(p.numel() * p.element_size() for p in self.module.parameters())
-
-    def trainable_state_dict(self) -> dict:
-        return {k: v.detach().float().cpu().clone() for k, v in self.module.named_parameters() if v.requires_grad}
-
-
-def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_steps: int) -> Engine:
-    """Steps 3-4 of the build order above; the only place that branches on the backend."""
-    if cfg.parallel.activation_checkpointing:
-        from mgpt4_dist.models.llm import apply_activation_checkpointing
-
-        log.info("activation checkpointing: %d LLM decoder layers", apply_activation_checkpointing(model.llm))
-    if cfg.train.compile:
-        from mgpt4_dist.models.minigpt4 import apply_compile
-
-        apply_compile(model)
-    if cfg.parallel.backend == "deepspeed":
-        from mgpt4_dist.parallel.deepspeed_engine import DeepSpeedEngine
-
-        engine: Engine = DeepSpeedEngine(cfg, model, world_size, grad_accum_steps)
-    elif cfg.parallel.backend == "fsdp":
-        from mgpt4_dist.parallel.fsdp_engine import FSDPEngine
-
-        if cfg.parallel.offload != "none":
-            raise ValueError("parallel.offload is a DeepSpeed option; use parallel.backend=deepspeed or offload=none")
-        engine = FSDPEngine(cfg, model, world_size, grad_accum_steps)
-    else:
-        raise ValueError(f"parallel.backend={cfg.parallel.backend!r}: choose deepspeed or fsdp")
-    log.info("engine %s: %.1f MB of parameters on this rank", type(engine).__name__, engine.param_bytes() / 2**20)
-    _maybe_report(engine)
-    return engine
-
-
-def _maybe_report(engine: Engine) -> None:
-    """Test hook: MGPT4_ENGINE_REPORT=DIR makes each rank write its measured parameter bytes."""
-    out = os.environ.get("MGPT4_ENGINE_REPORT")
-    if not out:
-        return
-    import json
-
-    rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"param_bytes": engine.param_bytes()}, f)

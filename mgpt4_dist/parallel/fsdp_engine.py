@@ -12,8 +12,9 @@ skipped (no optimizer or schedule step) and counted.
 
 Checkpoints: `torch.distributed.checkpoint` of llama_proj + AdamW state into `ckpt_root/tag/`
 (frozen weights excluded), plus `engine_state.pt` (schedule, loss scale, counters) from rank 0.
-`load` reads them back on the same world size; `load_full_state` takes full tensors from a
-checkpoint of any backend or world size (`mgpt4_dist.checkpoint` reads them) and shards them.
+`load` reads them back on the same world size; `get_full_state` gathers the whole state for the
+engine-neutral file of every checkpoint, and `load_full_state` shards one read from a checkpoint of
+any backend or world size.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from mgpt4_dist.config import JobConfig
 from mgpt4_dist.models.minigpt4 import transformer_blocks
 from mgpt4_dist.optim import build_optimizer, build_scheduler
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
+from mgpt4_dist.trainable_state import MOMENTS, FullState
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +194,34 @@ class FSDPEngine(Engine):
             self.scaler.load_state_dict(extra["scaler"])
         self.global_steps, self._skipped, self.micro = extra["global_steps"], extra["skipped_steps"], extra["micro"]
 
-    def load_full_state(self, weights: dict, moments: dict, adam_step: Optional[int], scheduler_state: Optional[dict],
-                        counters: dict) -> None:
+    def get_full_state(self) -> FullState:
+        """Every DTensor gathered whole (`full_tensor`, collective, in named_parameters order on every rank)."""
+        weights, moments = {}, {kind: {} for kind in MOMENTS}
+        adam_step = 0
+        for name, p in self._trainable().items():
+            weights[name] = _whole(p)
+            state = self.optimizer.state.get(p, {})
+            # AdamW makes its state at its first step (all fp16 steps skipped so far: none yet): zeros
+            # and step 0 are what it starts from.
+            for kind in MOMENTS:
+                moments[kind][name] = _whole(state[kind]) if kind in state else torch.zeros_like(weights[name])
+            if "step" in state:
+                adam_step = int(state["step"].item() if torch.is_tensor(state["step"]) else state["step"])
+        schedule = {k: v for k, v in self.scheduler.state_dict().items() if k != "cfg"}
+        counters = {"global_steps": self.global_steps, "skipped_steps": self._skipped,
+                    "loss_scale": float(self.scaler.scale) if self.scaler is not None else None}
+        return FullState(weights, moments, adam_step, schedule, counters)
+
+    def _trainable(self) -> dict:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def load_full_state(self, state: FullState) -> None:
         """Full tensors → this rank's DTensor shards (`distribute_tensor` with `src_data_rank=None`: every
         rank read the same full tensor from disk, so each cuts its own shard without communication)."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        weights, moments, adam_step, scheduler_state, counters = state
+        params = self._trainable()
         if set(params) != set(weights):
             raise RuntimeError(f"resharded resume: the checkpoint holds {sorted(weights)}, the model trains "
                                f"{sorted(params)}")
@@ -231,14 +254,11 @@ class FSDPEngine(Engine):
             state = self.optimizer.state[p]
             for kind, got, want in [("weights", p, weights[name])] + [(k, state.get(k), moments[k][name])
                                                                         for k in moments]:
-                full = got.full_tensor() if isinstance(got, DTensor) else got
-                if full is None or not torch.equal(full.detach().cpu().float(), want):
+                if got is None or not torch.equal(_whole(got), want):
                     raise RuntimeError(f"resharded resume: {kind} of {name} did not round-trip into the engine")
 
-    def trainable_state_dict(self) -> dict:
-        out = {}
-        for name, p in self.module.named_parameters():
-            if p.requires_grad:
-                full = p.full_tensor() if hasattr(p, "full_tensor") else p
-                out[name] = full.detach().float().cpu().clone()
-        return out
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU fp32 copy of the whole tensor (collective for a DTensor)."""
+    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return full.detach().float().cpu().clone()

@@ -106,14 +106,14 @@ def resume_on_one_rank(tiny_assets, run_train, tmp_path_factory):
 
 
 def final_weights(run_dir):
-    from mgpt4_dist.consolidate import read_checkpoint, resolve_step_dir
+    from mgpt4_dist.trainable_state import read_trainable_state
 
-    return read_checkpoint(resolve_step_dir(run_dir)).tensors("fp32")
+    return read_trainable_state(run_dir).tensors("fp32")
 
 
 def test_resume_two_ranks_on_one_keeps_state_and_global_batch(two_rank_checkpoint, resume_on_one_rank):
     losses = {}
-    for stage in (2, 3):
+    for stage in (2, 3, 0):  # ZeRO-0: AdamW's state on whole master tensors, no partitions
         stdout, metrics, _ = resume_on_one_rank(two_rank_checkpoint, stage)
         assert RESHARDED in stdout
         assert "micro batch 8 x accum 2 x 1 ranks = 16 per step" in stdout
@@ -121,8 +121,9 @@ def test_resume_two_ranks_on_one_keeps_state_and_global_batch(two_rank_checkpoin
         assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
         assert metrics[3]["lr"] == pytest.approx(6.04e-4)  # the schedule continues, not restarts
         losses[stage] = [m["loss"] for m in metrics[3:]]
-    # ZeRO-2 and ZeRO-3 on one rank start from the same weights, moments and data: same losses.
+    # ZeRO-0, 2 and 3 on one rank start from the same weights, moments and data: same losses.
     assert losses[3] == pytest.approx(losses[2], rel=1e-6)
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6)
 
 
 def test_deepspeed_checkpoint_resumes_on_fsdp_like_an_uninterrupted_run(two_rank_checkpoint, tiny_assets,

@@ -1,6 +1,7 @@
 """`mgpt4-consolidate` on real ZeRO-2, ZeRO-3 and FSDP2 runs: equal to DeepSpeed's zero_to_fp32 (resp.
-DCP's dcp_to_torch_save), loadable by the inference loader and by the original-format readers;
-`--full` stands alone."""
+DCP's dcp_to_torch_save), which still works on the step folders, loadable by the inference loader and
+by the original-format readers; `--full` stands alone; a step folder of an older version is one clear
+error. (Every engine, ZeRO-0 included, in-process: tests/distributed/test_engines.py.)"""
 import json
 import os
 import subprocess
@@ -101,6 +102,24 @@ def test_fsdp_checkpoint_consolidates_to_the_gathered_weights(tiny_assets, run_t
     original = torch.load(os.path.join(out, "minigpt4.pth"), weights_only=True)
     assert all(torch.equal(original["model"][k], got[k]) for k in got)
     assert json.load(open(os.path.join(out, "config.json")))["step"] == 2
+
+
+def test_a_step_folder_without_trainable_state_is_one_clear_error(zero_run, tmp_path):
+    """As an older mgpt4_dist wrote them: consolidation and export name the file and how to get it."""
+    import shutil
+
+    if "zero3" in zero_run:
+        pytest.skip("the error does not depend on the ZeRO stage; checked once on ZeRO-2")
+    run_dir = str(tmp_path / "old_run")
+    shutil.copytree(zero_run, run_dir)
+    step_dir = os.path.join(run_dir, "checkpoints", "step_00000002")
+    os.remove(os.path.join(step_dir, "trainable_state.safetensors"))
+    export = subprocess.run([os.path.join(BIN, "mgpt4-export"), run_dir, "--out", str(tmp_path / "x.pth")],
+                            capture_output=True, text=True, timeout=300)
+    for proc, tool in ((consolidate(run_dir, "--out", str(tmp_path / "o")), "mgpt4-consolidate"), (export, "mgpt4-export")):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{tool}: error: {step_dir}: no trainable_state.safetensors" in proc.stderr
+        assert "parallel.backend=deepspeed parallel.zero_stage=2 on 2 ranks" in proc.stderr
 
 
 def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
