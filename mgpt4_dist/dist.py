@@ -84,6 +84,27 @@ def device_for(info: WorldInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def _elastic_attempt_store(info: WorldInfo, timeout: datetime.timedelta):
+    """Under torchrun, a store of this restart attempt's own keys; None elsewhere.
+
+    torchrun's agent serves one TCPStore at MASTER_ADDR:MASTER_PORT for the whole job and keeps it
+    across worker restarts (static --master-port and the c10d rendezvous alike; torch.distributed's
+    env:// rendezvous connects to it without a per-attempt prefix). A restarted rank joining the
+    process group then finds the previous attempt's keys: gloo reads a dead peer's listening address
+    ("Gloo connectFullMesh failed ... Connection refused") and the heartbeats report dead pids. Keys
+    under `mgpt4/attempt_<TORCHELASTIC_RESTART_COUNT>/` cannot collide. On several nodes the agents
+    count alike when a dead rank breaks every node's collectives (every node's workers fail, every
+    agent counts a restart); an agent that restarts healthy workers only because another node
+    re-joined counts none, and then the ranks wait for each other until parallel.timeout_minutes:
+    torch exposes no attempt id that all nodes share.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"mgpt4/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(timeout_minutes: float = 10.0) -> tuple[WorldInfo, torch.device]:
     """Join (or create) the default process group: NCCL on GPUs, gloo on CPU.
 
@@ -107,7 +128,13 @@ def init_distributed(timeout_minutes: float = 10.0) -> tuple[WorldInfo, torch.de
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _elastic_attempt_store(info, timeout)
+        if store is not None:
+            dist.init_process_group(backend=backend, store=store, rank=info.rank, world_size=info.world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return info, device
 
 

@@ -30,7 +30,7 @@ from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_c
 from mgpt4_dist.cache_features import check_sources_kind
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
-from mgpt4_dist.errors import UserError
+from mgpt4_dist.errors import EXIT_COLLECTIVE_FAILURE, EXIT_PREEMPTED, UserError
 from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.metrics import MetricsLogger
 from mgpt4_dist.profiling import StepProfiler
@@ -81,15 +81,36 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class StopSignal:
-    """SIGUSR1/SIGTERM ask for a checkpoint and a clean exit at the end of the current step."""
+    """SIGUSR1, SIGTERM and SIGINT (Ctrl-C) ask for a checkpoint and an exit at the end of the current step.
+
+    Slurm sends USR1 before the time limit and TERM on preemption, torchrun and the deepspeed launcher
+    pass TERM/INT on; the ranks finish the step, agree, checkpoint and exit EXIT_PREEMPTED (75). A second
+    Ctrl-C stops at once: after the first, SIGINT has its default action again, which ends the process
+    even inside a collective or a checkpoint write (no checkpoint then; a half-written one is discarded
+    on resume). Installed by main() before anything starts, so a signal that arrives while the model
+    builds is not lost. DataLoader workers ignore these signals (mgpt4_dist.data.pipeline.STOP_SIGNALS).
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: Optional[int] = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.received is None:
+            print(f"[rank {os.environ.get('RANK', '0')}] got {signal.Signals(signum).name}: checkpointing at the "
+                  f"end of this step, then exiting with {EXIT_PREEMPTED}"
+                  + (" (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else ""),
+                  file=sys.stderr, flush=True)
         self.received = signum
+
+    def restore(self) -> None:
+        """Give the signals back to whoever had them (a caller of main() in the same process)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def agreed(self) -> bool:
         # Every rank must stop at the same step, so the ranks agree on it collectively.
@@ -103,7 +124,7 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def train(cfg: JobConfig, profile: bool = False) -> dict:
+def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = None) -> dict:
     info, device = dist.init_distributed(cfg.parallel.timeout_minutes)
     envreport.report_environment(info, device)
     rank, world = info.rank, info.world_size
@@ -172,7 +193,7 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, enabled=rank == 0,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
-    stop = StopSignal()
+    stop = stop or StopSignal()
     ckpt_dir = None
     last_loss = float("nan")
 
@@ -235,9 +256,10 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
             break
 
     profiler.stop()
+    loader.close()
     metrics.close()
     summary = {"step": step, "loss": last_loss, "checkpoint": ckpt_dir, "run_dir": cfg.run_dir,
-               "preempted": stop.received is not None}
+               "preempted": stop.received is not None and step < last_step}
     if rank == 0:
         print(f"done: step {step}/{cfg.train.max_steps}, loss {last_loss:.4f}; wrote {cfg.run_dir}/metrics.jsonl, "
               f"{cfg.run_dir}/tb/, checkpoint {ckpt_dir or step_tag(step) + ' (none written)'}", flush=True)
@@ -274,8 +296,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    stop = StopSignal()
     try:
-        train(cfg, profile=args.profile)
+        summary = train(cfg, profile=args.profile, stop=stop)
+        if summary["preempted"]:
+            # A rank that leaves non-zero makes srun --kill-on-bad-exit and the deepspeed launcher kill
+            # the others: wait until every rank is done (checkpoint, metrics, workers) before leaving.
+            dist.barrier()
+            print(f"mgpt4-train: stopped by {signal.Signals(stop.received).name} at step {summary['step']}: "
+                  f"checkpointed, resume with the same command (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
     except (UserError, FileNotFoundError, TrainingAborted, CheckpointMismatch) as e:
         print(f"mgpt4-train: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingAborted) else 3
@@ -288,9 +318,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"mgpt4-train: error: {dist.describe_collective_failure(e, cfg.parallel.timeout_minutes)}",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(4)
+        os._exit(EXIT_COLLECTIVE_FAILURE)
     finally:
         dist.cleanup()
+        stop.restore()
     return 0
 
 

@@ -45,18 +45,30 @@ export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$FIRST" | sed -n 's/.*No
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
 [ -n "${MGPT4_NCCL_ENV:-}" ] && source "$MGPT4_NCCL_ENV"   # e.g. slurm/env/nccl_ib.sh
-echo "[job] $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NODES node(s) x $TASKS_PER_NODE task(s) (${MGPT4_LAUNCHER:-srun} launch), master $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR"
+# Crash restarts (a rank died, a node was lost, a collective failed) are counted here, apart from
+# preemption requeues (unlimited): after MGPT4_MAX_RESTARTS of them the job ends FAILED. Per job id,
+# so a new submission to the same run dir starts with the full allowance.
+MAX_RESTARTS=${MGPT4_MAX_RESTARTS:-3}
+CRASH_FILE="$RUN_DIR/slurm/crash_restarts_${SLURM_JOB_ID}"
+CRASHES=$(cat "$CRASH_FILE" 2>/dev/null || echo 0)
+echo "[job] $(date -u +%FT%TZ) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} (crash restarts $CRASHES/$MAX_RESTARTS): $NODES node(s) x $TASKS_PER_NODE task(s) (${MGPT4_LAUNCHER:-srun} launch), master $MASTER_ADDR:$MASTER_PORT, run_dir $RUN_DIR"
 
 # Preemption. The batch shell receives USR1 120 s before the time limit (--signal=B:USR1@120), from
 # `scancel --signal=USR1 --batch|--full JOBID`, or TERM on preemption; it passes the signal on to the
 # training step's tasks (`scancel` without --batch signals every step but the batch shell's own:
-# not srun, which answers TERM by cancelling the step); each rank finishes its step, they agree,
-# write a checkpoint and exit 0. A plain `scancel --signal=USR1 JOBID` reaches the tasks directly with
-# the same result. Either way: tasks exit 0 before the last step => requeue; the requeued job resumes
-# from `latest`.
+# not srun, which answers TERM by cancelling the step). Slurm delivers it to every process of the
+# step: the ranks finish their step, agree, write a checkpoint and exit 75 (EXIT_PREEMPTED); their
+# DataLoader workers ignore it. The DeepSpeed launcher would answer TERM by killing its ranks, so
+# for it TERM is passed on as USR1 (same meaning to the ranks, ignored by the launchers). A plain
+# `scancel --signal=USR1 JOBID` reaches the tasks directly with the same result. Either way the job
+# requeues itself and the requeued job resumes from `latest`.
+PREEMPTED_BY=
 forward() {
-  echo "[job] got $1: asking the ranks to checkpoint"
-  scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || kill -"$1" "$SRUN_PID" 2>/dev/null
+  PREEMPTED_BY=$1
+  local sig=$1
+  [ "${MGPT4_LAUNCHER:-srun}" = deepspeed ] && sig=USR1
+  echo "[job] got $1: asking the ranks to checkpoint (sending $sig)"
+  scancel --signal="$sig" "$SLURM_JOB_ID" 2>/dev/null || kill -"$sig" "$SRUN_PID" 2>/dev/null
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -89,10 +101,30 @@ while :; do
 done
 
 LATEST=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || echo none)
-if [ "$RC" -eq 0 ] && [ "$LATEST" != "$(printf 'step_%08d' "$LAST_STEP")" ]; then
-  echo "[job] stopped early at $LATEST (preempted): requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
-fi
 echo "[job] $(date -u +%FT%TZ) training exited with $RC (latest checkpoint: $LATEST)"
+# Exit codes (mgpt4_dist/errors.py, README "Exit codes"). With --kill-on-bad-exit the first rank to
+# leave with 75 makes srun kill the others (they leave together after a barrier, so nothing is
+# lost, but srun may then report the signal instead of 75): a signal this shell forwarded also
+# counts as a preemption.
+if [ "$RC" -eq 0 ] && [ "$LATEST" = "$(printf 'step_%08d' "$LAST_STEP")" ]; then
+  exit 0
+elif [ "$RC" -eq 2 ] || [ "$RC" -eq 3 ]; then
+  echo "[job] exit $RC ($([ "$RC" -eq 2 ] && echo 'user error: fix the config, data or checkpoint' || echo 'non-finite losses')): not requeued"
+  exit "$RC"
+elif [ "$RC" -eq 75 ] || [ "$RC" -eq 0 ] || [ -n "$PREEMPTED_BY" ]; then
+  echo "[job] stopped early at $LATEST (preempted${PREEMPTED_BY:+ by $PREEMPTED_BY}): requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "[job] scontrol requeue failed: resubmit the same command to resume from $LATEST" >&2
+  exit 75
+fi
+if [ "$RC" -gt 128 ]; then CAUSE="a rank was killed by signal $((RC - 128))"
+elif [ "$RC" -eq 4 ]; then CAUSE="a peer rank died or hung (exit 4)"
+else CAUSE="exit $RC"; fi
+if [ "$CRASHES" -lt "$MAX_RESTARTS" ]; then
+  echo $((CRASHES + 1)) > "$CRASH_FILE"
+  echo "[job] crash: $CAUSE; crash restart $((CRASHES + 1))/$MAX_RESTARTS from $LATEST: requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  echo "[job] scontrol requeue failed" >&2
+fi
+echo "[job] crash: $CAUSE; no crash restarts left ($CRASHES/$MAX_RESTARTS, MGPT4_MAX_RESTARTS): job failed, latest checkpoint $LATEST"
 exit "$RC"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
@@ -45,6 +46,25 @@ MAX_EMPTY_SHARDS_IN_ROW = 64
 # metrics.jsonl (`skipped`) and TensorBoard (data/skipped): the bad samples in the batches consumed
 # so far, all ranks together (workers read ahead, so their own running counts would disagree).
 MAX_SKIP_WARNINGS = 20
+
+
+# The signals that ask a run to stop (preemption, time limit, Ctrl-C). Launchers deliver them to every
+# process: Slurm to every process of the step, torchrun and `kill -TERM -PGID` to the rank's process
+# group, a terminal to its foreground group. A DataLoader worker has no use for them and would die of
+# USR1/TERM (default action), which makes the rank raise "DataLoader worker (pid N) is killed by
+# signal" instead of checkpointing. Workers ignore them; the rank handles them (mgpt4_dist.train.
+# StopSignal) and shuts its workers down (BatchLoader.close). SIGKILL, which nothing can ignore, still
+# ends them, and a worker whose rank is gone exits by itself (torch's worker watchdog).
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: runs in the worker after torch installed its own (SIGBUS/SIGSEGV/SIGFPE) handlers."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    # Blocked by the rank around the fork (see BatchLoader): a signal that arrived in between is
+    # pending here and is discarded now that it is ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @dataclass
@@ -248,8 +268,22 @@ class BatchLoader:
         self.positions: Dict[str, dict] = dict(stream.start.get("positions", {}))
         self.batches = int(stream.start.get("batches", 0))
         loader = DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                            persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
-        self._iter = iter(loader)
+                            persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+                            worker_init_fn=_ignore_stop_signals if num_workers > 0 else None)
+        # A worker inherits the rank's handlers until its worker_init_fn runs, and a USR1/TERM in that
+        # window would kill it. Blocked during the fork, the signal waits: the rank gets it right after,
+        # the worker discards it once it ignores it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._iter = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (the rank may leave with os._exit, which skips their shutdown)."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def __next__(self) -> dict:
         batch = next(self._iter)
