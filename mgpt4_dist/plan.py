@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from mgpt4_dist.config import JobConfig
+from mgpt4_dist.errors import InvalidInputError
 
 GiB = 1024 ** 3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -56,8 +57,11 @@ def parse_bytes(text: str) -> int:
     t = text.strip().lower()
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
-            return int(float(t[: len(t) - len(unit)] or 0) * units[unit])
-    raise ValueError(f"cannot read a memory size from {text!r} (e.g. 80GiB)")
+            try:
+                return int(float(t[: len(t) - len(unit)] or 0) * units[unit])
+            except ValueError:
+                break
+    raise InvalidInputError(f"cannot read a memory size from {text!r} (e.g. 80GiB, 40GB)")
 
 
 def llm_shape(cfg: JobConfig, llm: Optional[str] = None) -> dict:
@@ -66,7 +70,8 @@ def llm_shape(cfg: JobConfig, llm: Optional[str] = None) -> dict:
         with open(path) as f:
             return json.load(f)
     if llm is None:
-        raise ValueError(f"model.llm_path={cfg.model.llm_path!r} has no config.json: pass --llm 7b or --llm 13b")
+        raise InvalidInputError(f"model.llm_path={cfg.model.llm_path!r} has no config.json: pass --llm 7b or "
+                                f"--llm 13b")
     return dict(BUILTIN_LLMS[llm.lower()])
 
 
