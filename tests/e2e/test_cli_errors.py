@@ -206,3 +206,13 @@ def test_chat_on_cuda_without_a_gpu(bad_inputs):
     line = error_line(run("mgpt4-chat", "--model", str(bad_inputs / "run"), "--image", str(bad_inputs / "red.png"),
                           "--prompt", "hi", "--device", "cuda"), "mgpt4-chat")
     assert "device cuda: no CUDA GPU is visible here" in line and "use cpu" in line
+
+
+def test_readme_lists_the_tensorboard_tags_a_run_writes():
+    import re
+
+    from mgpt4_dist.metrics import TB_TAGS
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    block = readme[readme.index("  tb/ "):readme.index("  profile/ ")]
+    assert set(re.findall(r"\b(?:train|perf|data)/\w+", block)) == set(TB_TAGS.values())
