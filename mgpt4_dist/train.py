@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from mgpt4_dist import dist, envreport
-from mgpt4_dist.cli import report_user_error
 from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_checkpoint, save_checkpoint,
                                    set_rng_state, step_tag)
+from mgpt4_dist.cli import HelpFormatter, examples, report_user_error
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
 from mgpt4_dist.errors import DiskFullError, UserError, disk_full_cause
@@ -180,9 +180,9 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
             raise DiskFullError(
                 f"the disk under run_dir={cfg.run_dir} is full: the checkpoint of step {at_step} could not be "
                 f"written ({' '.join(str(cause).split())[:160]}); "
-                + (f"the last complete checkpoint is {last} (resumable: free space, then run the same command)"
-                   if last else "no complete checkpoint exists yet")
-                + "; free space there or set run_dir to a larger disk") from e
+                + (f"the last complete checkpoint is {last}: free space there (or move the run to a larger disk) "
+                   f"and run the same command to resume from it" if last else
+                   "no complete checkpoint exists yet: free space there or set run_dir to a larger disk")) from e
 
     profiler = StepProfiler(cfg.run_dir, rank, enabled=profile)
     while step < last_step:
@@ -250,8 +250,6 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mgpt4_dist.cli import HelpFormatter, examples
-
     p = argparse.ArgumentParser(
         prog="mgpt4-train", formatter_class=HelpFormatter,
         description="Train MiniGPT-4 (stage 1 or 2) with DeepSpeed ZeRO 0-3 or FSDP2 (parallel.backend), as one "
