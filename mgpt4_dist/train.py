@@ -27,7 +27,7 @@ import torch
 from mgpt4_dist import dist, envreport
 from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_checkpoint, save_checkpoint,
                                    set_rng_state, step_tag)
-from mgpt4_dist.cli import HelpFormatter, examples, report_user_error
+from mgpt4_dist.cli import ArgumentParser, examples, report_user_error
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
 from mgpt4_dist.errors import DiskFullError, UserError, disk_full_cause
@@ -250,8 +250,8 @@ def train(cfg: JobConfig, profile: bool = False) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mgpt4-train", formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog="mgpt4-train",
         description="Train MiniGPT-4 (stage 1 or 2) with DeepSpeed ZeRO 0-3 or FSDP2 (parallel.backend), as one "
                     "process or under torchrun, the deepspeed launcher or srun. Config keys can be overridden with "
                     "dotted key=value arguments; keys left unset take the defaults declared in mgpt4_dist/config.py "

@@ -3,7 +3,8 @@
 `user_errors` turns a `UserError` (config, data, weights, checkpoint mismatch, unsupported
 setting, disk full) into one line `mgpt4-X: error: <message>` on stderr and exit status 2;
 anything else is a bug and keeps its traceback. `HelpFormatter` makes every `--help` state its
-defaults and keep the examples of its epilog as written.
+defaults and keep the examples of its epilog as written; `ArgumentParser` uses it and reports
+usage errors in one line as well.
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def user_errors(prog: str, also: Tuple[Type[BaseException], ...] = ()) -> Callab
     return wrap
 
 
+EXAMPLES_HEADER = "examples:\n"
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Adds `(default: X)` to every option that has a default; the examples epilog keeps its lines."""
 
@@ -59,7 +63,15 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
-EXAMPLES_HEADER = "examples:\n"
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `HelpFormatter`, whose usage errors are one line too (and exit 2, as argparse's)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def examples(*lines: str) -> str:

@@ -5,17 +5,17 @@ import argparse
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 
 PROG = "mgpt4-apply-delta"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter,
-                                description="Build Vicuna v0 working weights: every tensor = base + delta, config and "
-                                            "tokenizer from the delta; streams one shard at a time.",
-                                epilog=examples("mgpt4-apply-delta --base llama-7b-hf/ --delta vicuna-7b-delta-v0/ "
-                                                "--out vicuna-7b-v0/"))
+    p = ArgumentParser(prog=PROG,
+                       description="Build Vicuna v0 working weights: every tensor = base + delta, config and "
+                                   "tokenizer from the delta; streams one shard at a time.",
+                       epilog=examples("mgpt4-apply-delta --base llama-7b-hf/ --delta vicuna-7b-delta-v0/ "
+                                       "--out vicuna-7b-v0/"))
     p.add_argument("--base", required=True, help="Hugging Face LLaMA folder (sharded .bin or safetensors)")
     p.add_argument("--delta", required=True, help="Vicuna delta folder")
     p.add_argument("--out", required=True, help="output folder (safetensors shards + index)")

@@ -6,15 +6,15 @@ import logging
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.config import load_config
 
 PROG = "mgpt4-cache-features"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog=PROG,
         description="Run the frozen ViT + Q-Former once over data.shards and write feature shards; then train "
                     "with data.shards=[DIR/*.tar] data.features=true to skip the vision towers.",
         epilog=examples("mgpt4-cache-features --config mgpt4_dist/configs/stage1_vicuna7b.yaml --out features/",

@@ -14,15 +14,14 @@ import os
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
-
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 
 PROG = "mgpt4-chat"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog=PROG,
         description="Chat with MiniGPT-4 about an image: a folder written by mgpt4-consolidate, one answer with "
                     "--prompt, else an interactive session (empty line, /quit or Ctrl-D ends; /reset starts over).",
         epilog=examples("mgpt4-chat --model exported/ --image cat.jpg --prompt 'What is in the picture?'",

@@ -11,14 +11,14 @@ import logging
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 
 PROG = "mgpt4-consolidate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog=PROG,
         description="Write model.safetensors (trained llama_proj, fp32), config.json/config.yaml and minigpt4.pth "
                     "(the original {'model': ...} format) from a sharded training checkpoint of either backend "
                     "(DeepSpeed or FSDP2, read from its meta.json). Streams one tensor at a time.",

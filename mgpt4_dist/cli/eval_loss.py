@@ -12,15 +12,15 @@ import logging
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.config import load_config
 
 PROG = "mgpt4-eval-loss"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog=PROG,
         description="Loss of the given answers for the given images, through the same sequence and loss code "
                     "as training (fp32 on CPU unless the config says otherwise). No shards or run dir needed.",
         epilog=examples("mgpt4-eval-loss --config mgpt4_dist/configs/tiny_stage1.yaml model.llm_path=tiny/llm "

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.errors import InvalidInputError
 
 
@@ -53,8 +53,8 @@ PROG = "mgpt4-export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog=PROG,
         description="The trained projection (llama_proj) of a run or checkpoint as one file.",
         epilog=examples("mgpt4-export RUN_DIR --format minigpt4 --out pretrained_minigpt4.pth",
                         "mgpt4-export RUN_DIR/checkpoints/step_00000500 --format safetensors --out proj.safetensors"))

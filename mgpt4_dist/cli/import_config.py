@@ -5,19 +5,19 @@ import argparse
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.config import save_config
 
 PROG = "mgpt4-import-config"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter,
-                                description="Turn an original MiniGPT-4 train_configs/eval_configs YAML into an "
-                                            "mgpt4_dist config; prints what was mapped and what could not be.",
-                                epilog=examples("mgpt4-import-config MiniGPT-4/train_configs/minigpt4_stage2_finetune.yaml "
-                                                "--out stage2.yaml",
-                                                "mgpt4-train --config stage2.yaml run_dir=runs/stage2"))
+    p = ArgumentParser(prog=PROG,
+                       description="Turn an original MiniGPT-4 train_configs/eval_configs YAML into an "
+                                   "mgpt4_dist config; prints what was mapped and what could not be.",
+                       epilog=examples("mgpt4-import-config MiniGPT-4/train_configs/minigpt4_stage2_finetune.yaml "
+                                       "--out stage2.yaml",
+                                       "mgpt4-train --config stage2.yaml run_dir=runs/stage2"))
     p.add_argument("original", help="the original YAML (train_configs/*.yaml or eval_configs/*.yaml)")
     p.add_argument("--out", required=True, help="where to write our YAML")
     return p

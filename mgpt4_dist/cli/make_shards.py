@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.data.shards import (CaptionsFileError, Sample, iter_cc_sbu_align, iter_folder_captions,
                                     synthetic_samples, write_shards)
 from mgpt4_dist.errors import UserError
@@ -124,8 +124,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    parser = ArgumentParser(
+        prog=PROG,
         description="Write webdataset tar shards (KEY.jpg, KEY.json with the caption, KEY.txt) for mgpt4-train. "
                     "Captions are stored raw; cleaning happens at training time.",
         epilog=examples("mgpt4-make-shards --images DIR --captions captions.jsonl --out shards/",

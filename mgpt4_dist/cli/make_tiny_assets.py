@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 from mgpt4_dist.assets import build_tiny_assets, tiny_overrides  # imports nothing heavy at module level
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.errors import InvalidInputError
 
 PROG = "mgpt4-make-tiny-assets"
@@ -39,8 +39,8 @@ def out_dir_problem(out: str) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    parser = ArgumentParser(
+        prog=PROG,
         epilog=examples("mgpt4-make-tiny-assets --out tiny/",
                         "mgpt4-train --config mgpt4_dist/configs/tiny_stage1.yaml $(mgpt4-make-tiny-assets --out tiny/ "
                         "| tail -1 | cut -d' ' -f2-) run_dir=/tmp/r"),

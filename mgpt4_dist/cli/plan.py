@@ -9,7 +9,7 @@ import json
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.cli import HelpFormatter, examples, user_errors
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.config import load_config
 from mgpt4_dist.errors import InvalidInputError
 from mgpt4_dist.plan import BUILTIN_LLMS, format_plan, parse_bytes, plan
@@ -18,8 +18,8 @@ PROG = "mgpt4-plan"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=HelpFormatter,
+    p = ArgumentParser(
+        prog=PROG,
         description="Per-rank memory of a configured run for every ZeRO stage / offload choice and FSDP, "
                     "and which fit the GPUs given.",
         epilog=examples("mgpt4-plan --config mgpt4_dist/configs/stage1_vicuna7b.yaml --gpus-per-node 8 --nodes 1 "

@@ -59,7 +59,8 @@ def resolve_sources(patterns_and_weights: List[tuple]) -> List[Source]:
         try:
             shards = expand_shard_pattern(pattern)
         except FileNotFoundError as e:
-            raise MissingFileError(f"data.shards: {e}; check the path, or write shards with mgpt4-make-shards") from None
+            raise MissingFileError(f"data.shards: {e}; check the path, or write shards with "
+                                   f"mgpt4-make-shards") from None
         if weight <= 0:
             raise InvalidInputError(f"data.shards: weight of {pattern!r} must be > 0")
         sources.append(Source(shards, float(weight)))

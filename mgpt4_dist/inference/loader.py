@@ -36,15 +36,16 @@ def read_consolidated_config(path: str) -> tuple[JobConfig, dict]:
     conf_json = os.path.join(path, "config.json")
     conf_yaml = os.path.join(path, "config.yaml")
     if not os.path.isdir(path):
-        raise MissingFileError(f"--model {path}: no such folder; write one with mgpt4-consolidate RUN_DIR --out DIR")
+        raise MissingFileError(f"model folder {path}: no such folder; write one with "
+                               f"mgpt4-consolidate RUN_DIR --out DIR")
     if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(os.path.join(path, "checkpoints")) or \
             os.path.isfile(os.path.join(path, "latest")):
         raise InvalidInputError(
-            f"--model {path}: a training run or checkpoint folder, not a consolidated model; run "
-            f"`mgpt4-consolidate {path} --out DIR` and pass --model DIR")
+            f"model folder {path}: a training run or checkpoint folder, not a consolidated model; run "
+            f"`mgpt4-consolidate {path} --out DIR` and load DIR (mgpt4-chat --model DIR)")
     missing = [name for name in ("config.json", "config.yaml") if not os.path.isfile(os.path.join(path, name))]
     if missing:
-        raise MissingFileError(f"--model {path}: {' and '.join(missing)} missing there; pass a folder written by "
+        raise MissingFileError(f"model folder {path}: {' and '.join(missing)} missing there; pass a folder written by "
                                f"mgpt4-consolidate")
     with open(conf_json) as f:
         info = json.load(f)
