@@ -24,6 +24,7 @@ from mgpt4_dist.data.pipeline import Source, resolve_sources
 from mgpt4_dist.data.shards import (BadSampleError, FEATURES_FIELD, IMAGE_FIELDS, decode_sample, encode_features,
                                     read_shard_samples)
 from mgpt4_dist.data.transforms import build_image_transform
+from mgpt4_dist.errors import InvalidInputError
 from mgpt4_dist.models.loading import require_frozen_weights
 from mgpt4_dist.models.minigpt4 import build_vision_towers, compute_vision_features, vision_feature_shape_of, vit_dtype
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES
@@ -57,7 +58,8 @@ def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dty
     names = [os.path.basename(s) if "#" not in s else "-".join((os.path.basename(s.split("#")[0]), s.split("#")[1]))
              for s in shards]
     if len(set(names)) != len(names):
-        raise ValueError("input shards from different folders share file names; cache each source separately")
+        raise InvalidInputError("data.shards: shards from different folders share file names; cache each source "
+                                "separately (one mgpt4-cache-features run and --out per source)")
     vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed)
     # In the dtypes training runs them in: the ViT in model.vit_precision, the rest in train.precision.
     train_dtype = PRECISION_DTYPES[cfg.train.precision]

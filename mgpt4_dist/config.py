@@ -7,19 +7,22 @@ the wrong type fail with the key's full name. The resolved tree is written besid
 
 Override values are parsed by the *declared* type, not by YAML: a string field takes the text
 literally (`data.end_sym=###`), a list field takes `[a,b]` with items kept literally (brace ranges
-and globs in shard patterns are not YAML), numbers and booleans parse as such.
+and globs in shard patterns are not YAML), numbers and booleans parse as such. A weighted shard
+source is written as in YAML: `data.shards=[{pattern: a/{000..099}.tar, weight: 115}, b/*.tar]`.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Union
 
 import yaml
 
-from mgpt4_dist.errors import UserError
+from mgpt4_dist.errors import MissingFileError, UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -220,6 +223,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for {_type_name(tp)}, got {value!r}")
         return _from_dict(tp, value, key + ".")
     if origin is Union:
+        mappings = [t for t in typing.get_args(tp) if dataclasses.is_dataclass(t)]
+        if isinstance(value, dict) and len(mappings) == 1:
+            return _coerce(value, mappings[0], key)  # its own error names the bad sub-key
         errors = []
         for option in typing.get_args(tp):
             try:
@@ -260,16 +266,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported declared type {tp}")
 
 
+def _unknown_key_message(dotted: str, names: set, prefix: str, more: int = 0) -> str:
+    """`unknown config key X; did you mean Y?; known keys under P: ...` (the same from YAML and from overrides)."""
+    leaf, _, rest = dotted[len(prefix):].partition(".")
+    close = difflib.get_close_matches(leaf, sorted(names), n=3, cutoff=0.6)
+    return (f"unknown config key {dotted}" + (f" (and {more} more)" if more > 0 else "")
+            + (f"; did you mean {' or '.join(prefix + c + ('.' + rest if rest else '') for c in close)}?"
+               if close else "")
+            + f"; known keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+
+
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}"
-            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-            + f"; known keys under {prefix or 'the top level'}: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(_unknown_key_message(prefix + str(unknown[0]), names, prefix, len(unknown) - 1))
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)
 
@@ -318,9 +330,24 @@ def _parse_scalar(text: str, tp: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {text!r}") from None
     if typing.get_origin(tp) is Union:
-        # Only shard sources mix types; from the command line they are plain patterns.
-        return text
+        # Only shard sources mix types: a plain pattern, or `{pattern: P, weight: W}` as in YAML.
+        return _parse_mapping(text, key) if _MAPPING_ITEM.match(text) else text
     raise ConfigError(f"{key}: cannot be set from the command line")
+
+
+# `{pattern: ..., weight: ...}`; a brace range such as `{000..009}.tar` is a pattern, not a mapping.
+_MAPPING_ITEM = re.compile(r"^\{\s*[A-Za-z_]+\s*:.*\}$", re.S)
+
+
+def _parse_mapping(text: str, key: str) -> dict:
+    """`{pattern: a/{000..009}.tar, weight: 115}` with values kept literally (braces and globs are not YAML)."""
+    out = {}
+    for item in _split_top_level(text.strip()[1:-1]):
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f"{key}: {item!r} in {text!r} is not of the form name: value")
+        out[name.strip()] = value.strip()
+    return out
 
 
 def _parse_override_value(text: str, tp: Any, key: str) -> Any:
@@ -346,7 +373,9 @@ def apply_override(cfg: Any, assignment: str) -> None:
     for i, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(node)}
         if part not in names:
-            raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])}")
+            prefix = "".join(p + "." for p in parts[:i])
+            raise ConfigError(_unknown_key_message(dotted.strip(), names, prefix)
+                              + f" (in the command-line override {assignment!r})")
         if i < len(parts) - 1:
             node = getattr(node, part)
             if not dataclasses.is_dataclass(node):
@@ -395,11 +424,27 @@ def validate(cfg: JobConfig) -> None:
             f"partitions them)")
 
 
+def read_yaml(path: str, what: str) -> Any:
+    """A YAML file's content; a missing file or a syntax error is a ConfigError naming the file (and line)."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise MissingFileError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path}: is a folder, not a YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{what} {path}: not valid YAML{where}: {problem}; fix the file (quote values "
+                          f"holding ': ', '#', '{{' or '[')") from None
+
+
 def load_config(path: str | None, overrides: List[str] | None = None) -> JobConfig:
     data: dict = {}
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = read_yaml(path, "--config")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     cfg = _from_dict(JobConfig, data)
@@ -434,8 +479,14 @@ def load_prompts(cfg: DataConfig) -> List[str]:
     each formatted with data.prompt_template as the original does at load time."""
     raw = list(cfg.prompts)
     if cfg.prompt_path:
-        with open(cfg.prompt_path) as f:
-            raw += [line for line in f.read().splitlines() if "<ImageHere>" in line]
+        try:
+            with open(cfg.prompt_path) as f:
+                raw += [line for line in f.read().splitlines() if "<ImageHere>" in line]
+        except FileNotFoundError:
+            raise MissingFileError(
+                f"data.prompt_path={cfg.prompt_path}: no such file (relative paths are read from the current "
+                f"folder, {os.getcwd()}); set data.prompt_path to the instruction file, e.g. the original's "
+                f"prompts/alignment.txt") from None
     for p in raw:
         if "<ImageHere>" not in p:
             raise ConfigError(f"data.prompts: {p!r} has no <ImageHere> placeholder")

@@ -8,6 +8,8 @@ preempted run is.
 """
 from __future__ import annotations
 
+import os
+
 # Exit codes (documented in README "Exit codes").
 EXIT_OK = 0
 EXIT_USER_ERROR = 2          # bad input: fix it and run again; never requeued
@@ -18,3 +20,65 @@ EXIT_PREEMPTED = 75          # stopped by a signal before the last step: checkpo
 
 class UserError(Exception):
     """An error the user can fix; its message names the bad key/path/value and what to do."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (in a flag or a config key) does not exist."""
+
+
+class InvalidInputError(UserError, ValueError):
+    """A value or file content the user gave that cannot be used as it is."""
+
+
+class DiskFullError(UserError, OSError):
+    """No space left where the run writes; the message says where, at which step, and what survives."""
+
+
+def one_line(text: str) -> str:
+    """A message as the one line a command prints: inner line breaks become '; '."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "; ".join(lines)
+
+
+def _underlying(error: BaseException):
+    """`error`, the errors it was raised from, and the per-rank errors a torch.distributed.checkpoint
+    CheckpointException wraps (it derives from BaseException and carries them in `failures`)."""
+    seen, todo = set(), [error]
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+
+
+def disk_full_cause(error: BaseException, path: str, min_free_bytes: int = 64 << 20):
+    """The write error inside `error` that failed for lack of space under `path`, or None.
+
+    torch.save reports ENOSPC only as `basic_ios::clear: iostream error` or `unexpected pos`, so a
+    write error of that kind counts when `path`'s filesystem has under `min_free_bytes` left."""
+    import errno
+    import shutil
+
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        return None
+    candidates = [e for e in _underlying(error) if isinstance(e, (OSError, RuntimeError))]
+    for e in candidates:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return e
+    if not candidates:
+        return None
+    try:
+        probe = path
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        full = shutil.disk_usage(probe or ".").free < min_free_bytes
+    except OSError:
+        return None
+    return candidates[-1] if full else None

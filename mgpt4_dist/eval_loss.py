@@ -13,7 +13,9 @@ from typing import List, Optional, Sequence
 import torch
 
 from mgpt4_dist.config import JobConfig, load_prompts
+from mgpt4_dist.data import BadSampleError
 from mgpt4_dist.data.transforms import build_image_transform, decode_image
+from mgpt4_dist.errors import InvalidInputError, MissingFileError
 from mgpt4_dist.models.llm import load_tokenizer
 from mgpt4_dist.models.loading import require_frozen_weights
 from mgpt4_dist.models.minigpt4 import build_minigpt4
@@ -28,22 +30,29 @@ def load_images(spec: str, image_size: int) -> torch.Tensor:
     name), or comma-separated image files; images get the eval transform (square bicubic resize,
     CLIP normalization)."""
     if spec.endswith(".pt"):
+        if not os.path.isfile(spec):
+            raise MissingFileError(f"--images {spec}: no such file")
         images = torch.load(spec, map_location="cpu", weights_only=True)
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"{spec}: expected a float tensor [B, 3, H, W], got "
-                             f"{type(images).__name__} {tuple(images.shape) if torch.is_tensor(images) else ''}")
+            raise InvalidInputError(f"--images {spec}: expected a float tensor [B, 3, H, W], got "
+                                    f"{type(images).__name__} {tuple(images.shape) if torch.is_tensor(images) else ''}")
         return images.float()
     if os.path.isdir(spec):
         paths = sorted(os.path.join(spec, n) for n in os.listdir(spec) if n.lower().endswith(IMAGE_EXTENSIONS))
         if not paths:
-            raise FileNotFoundError(f"{spec}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            raise MissingFileError(f"--images {spec}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     else:
         paths = [p for p in spec.split(",") if p]
     transform = build_image_transform(image_size)
     tensors = []
     for path in paths:
-        with open(path, "rb") as f:
-            tensors.append(transform(decode_image(f.read())))
+        try:
+            with open(path, "rb") as f:
+                tensors.append(transform(decode_image(f.read())))
+        except FileNotFoundError:
+            raise MissingFileError(f"--images: {path}: no such file") from None
+        except BadSampleError as e:
+            raise InvalidInputError(f"--images: {path}: {e}") from None
     return torch.stack(tensors)
 
 
@@ -59,7 +68,8 @@ def resolve_instruction(cfg: JobConfig, instruction: Optional[str]) -> Optional[
 def eval_loss(cfg: JobConfig, images_BCHW: torch.Tensor, answers: Sequence[str],
               instruction: Optional[str] = None, device: str = "cpu") -> dict:
     if len(answers) != images_BCHW.shape[0]:
-        raise ValueError(f"{images_BCHW.shape[0]} images but {len(answers)} answers")
+        raise InvalidInputError(f"{images_BCHW.shape[0]} images but {len(answers)} answers (--images, --answers): "
+                                f"give one answer per image")
     require_frozen_weights(cfg.model)
     dtype = PRECISION_DTYPES[cfg.train.precision]
     model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=dtype, device_type=torch.device(device).type)

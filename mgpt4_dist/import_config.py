@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
-import yaml
-
-from mgpt4_dist.config import JobConfig, ShardSource, validate
+from mgpt4_dist.config import ConfigError, JobConfig, ShardSource, read_yaml, validate
 
 # The original's model defaults (model yaml + MiniGPT4.__init__ / from_config defaults).
 ORIGINAL_MODEL_DEFAULTS = {"image_size": 224, "num_query_token": 32, "max_txt_len": 32, "end_sym": "\n",
@@ -182,8 +180,7 @@ def import_original(original: Dict[str, Any]) -> ImportReport:
 
 
 def import_original_file(path: str) -> ImportReport:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path, "original config")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a MiniGPT-4 config (the top level must be a mapping)")
+        raise ConfigError(f"original config {path}: not a MiniGPT-4 config (the top level must be a mapping)")
     return import_original(data)

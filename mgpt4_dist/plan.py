@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from mgpt4_dist.config import JobConfig
+from mgpt4_dist.errors import InvalidInputError
 
 GiB = 1024 ** 3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -68,7 +69,7 @@ def parse_bytes(text: str, what: str = "a memory size") -> int:
             if value < 0:
                 break
             return int(value * SIZE_UNITS[unit])
-    raise ValueError(f"cannot read {what} from {text!r}: give a size such as 80GiB, 80G or 80 (GiB), "
+    raise InvalidInputError(f"cannot read {what} from {text!r}: give a size such as 80GiB, 80G or 80 (GiB), "
                      f"40GB, 512MiB")
 
 
@@ -78,7 +79,8 @@ def llm_shape(cfg: JobConfig, llm: Optional[str] = None) -> dict:
         with open(path) as f:
             return json.load(f)
     if llm is None:
-        raise ValueError(f"model.llm_path={cfg.model.llm_path!r} has no config.json: pass --llm 7b or --llm 13b")
+        raise InvalidInputError(f"model.llm_path={cfg.model.llm_path!r} has no config.json: pass --llm 7b or "
+                                f"--llm 13b")
     return dict(BUILTIN_LLMS[llm.lower()])
 
 

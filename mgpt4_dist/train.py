@@ -28,9 +28,10 @@ from mgpt4_dist import dist, envreport, run_dir
 from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_checkpoint, save_checkpoint,
                                    saved_world_size, set_rng_state, step_tag)
 from mgpt4_dist.cache_features import check_sources_kind
+from mgpt4_dist.cli import ArgumentParser, examples, report_user_error
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
-from mgpt4_dist.errors import EXIT_COLLECTIVE_FAILURE, EXIT_PREEMPTED, UserError
+from mgpt4_dist.errors import EXIT_COLLECTIVE_FAILURE, EXIT_PREEMPTED, DiskFullError, UserError, disk_full_cause
 from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.metrics import MetricsLogger
 from mgpt4_dist.profiling import StepProfiler
@@ -199,7 +200,24 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
 
     def checkpoint(at_step: int) -> str:
         trainer_state = {"data": loader.state_dict(), "nonfinite_steps": nonfinite_steps, "world_size": world}
-        return save_checkpoint(engine, cfg, at_step, trainer_state, rank)
+        try:
+            return save_checkpoint(engine, cfg, at_step, trainer_state, rank)
+        except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+            cause = disk_full_cause(e, cfg.run_dir)
+            if cause is None:
+                raise
+            # The save writes a temp folder and renames it, so the previous checkpoint is whole.
+            latest = os.path.join(cfg.run_dir, "checkpoints", "latest")
+            last = None
+            if os.path.isfile(latest):
+                with open(latest) as f:
+                    last = os.path.join(os.path.dirname(latest), f.read().strip())
+            raise DiskFullError(
+                f"the disk under run_dir={cfg.run_dir} is full: the checkpoint of step {at_step} could not be "
+                f"written ({' '.join(str(cause).split())[:160]}); "
+                + (f"the last complete checkpoint is {last}: free space there (or move the run to a larger disk) "
+                   f"and run the same command to resume from it" if last else
+                   "no complete checkpoint exists yet: free space there or set run_dir to a larger disk")) from e
 
     profiler = StepProfiler(cfg.run_dir, rank, enabled=profile)
     while step < last_step:
@@ -268,12 +286,23 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="mgpt4-train",
-        description="Train MiniGPT-4 (stage 1 or 2) with DeepSpeed. Config keys can be overridden "
-                    "with dotted key=value arguments, e.g. train.max_steps=50 run_dir=/tmp/r.")
+        description="Train MiniGPT-4 (stage 1 or 2) with DeepSpeed ZeRO 0-3 or FSDP2 (parallel.backend), as one "
+                    "process or under torchrun, the deepspeed launcher or srun. Config keys can be overridden with "
+                    "dotted key=value arguments; keys left unset take the defaults declared in mgpt4_dist/config.py "
+                    "(--print-config shows every resolved value). Resumes from RUN_DIR/checkpoints/latest "
+                    "(checkpoint.resume=auto, the default).",
+        epilog=examples(
+            "mgpt4-train --config mgpt4_dist/configs/tiny_stage1.yaml train.max_steps=50 run_dir=/tmp/r",
+            "torchrun --nproc-per-node 8 -m mgpt4_dist.train --config mgpt4_dist/configs/stage1_vicuna7b.yaml "
+            "parallel.backend=fsdp",
+            "deepspeed --num_gpus 8 --module mgpt4_dist.train --config mgpt4_dist/configs/stage2_vicuna7b.yaml "
+            "'data.shards=[{pattern: cc_sbu_align_shards/*.tar, weight: 1}]'"))
     p.add_argument("--config", required=True, help="YAML config (see mgpt4_dist/configs/)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, parsed by the key's declared type")
+    p.add_argument("overrides", nargs="*",
+                   help="key.sub=value overrides, parsed by the key's declared type, e.g. train.max_steps=50 "
+                        "'data.shards=[a/{000..009}.tar,{pattern: b/*.tar, weight: 2}]'")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--profile", action="store_true",
                    help="trace steps 3-5 with torch.profiler into RUN_DIR/profile/ (Chrome/Perfetto JSON per rank)")
@@ -284,11 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # Every rank sees the same user error; rank 0 says it once and every rank exits 2.
+    rank0 = dist.world_info_from_env().rank == 0
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"mgpt4-train: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report_user_error("mgpt4-train", e, show=rank0)
     if args.print_config:
         import yaml
 
@@ -306,9 +336,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"mgpt4-train: stopped by {signal.Signals(stop.received).name} at step {summary['step']}: "
                   f"checkpointed, resume with the same command (exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
-    except (UserError, FileNotFoundError, TrainingAborted, CheckpointMismatch) as e:
+    except TrainingAborted as e:
         print(f"mgpt4-train: error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, TrainingAborted) else 3
+        return 3
+    except (UserError, FileNotFoundError) as e:
+        # FileNotFoundError: checkpoint.resume paths and step files are still reported with it.
+        return report_user_error("mgpt4-train", e, show=rank0)
     except (torch.distributed.DistError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and not dist.is_collective_failure(e):
             raise

@@ -14,6 +14,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from mgpt4_dist.errors import InvalidInputError, MissingFileError
+
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.json", "added_tokens.json")
 
@@ -31,7 +33,10 @@ def weight_shards(folder: str) -> Tuple[List[str], Dict[str, str]]:
         path = os.path.join(folder, single)
         if os.path.isfile(path):
             return [path], {name: path for name in shard_tensor_names(path)}
-    raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or their index files")
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"{folder}: no such folder")
+    raise MissingFileError(f"{folder}: no model.safetensors, pytorch_model.bin or their index files; "
+                           f"expected a Hugging Face model folder")
 
 
 def shard_tensor_names(path: str) -> List[str]:
@@ -81,8 +86,8 @@ def apply_delta(base_dir: str, delta_dir: str, out_dir: str, progress: bool = Tr
     delta_files, delta_map = weight_shards(delta_dir)
     missing = sorted(set(delta_map) - set(base_map))
     if missing:
-        raise ValueError(f"{base_dir} lacks {len(missing)} tensors of the delta (e.g. {missing[:3]}): "
-                         f"is this the LLaMA base the delta was made for?")
+        raise InvalidInputError(f"--base {base_dir} lacks {len(missing)} tensors of the delta (e.g. {missing[:3]}): "
+                                f"is this the LLaMA base the delta was made for?")
     os.makedirs(out_dir, exist_ok=True)
     base = ShardReader(base_map)
     out_map: Dict[str, str] = {}
@@ -100,7 +105,8 @@ def apply_delta(base_dir: str, delta_dir: str, out_dir: str, progress: bool = Tr
                 full[: b.shape[0]] += b.float()
                 merged[name] = full.to(delta.dtype).contiguous()
             else:
-                raise ValueError(f"{name}: base shape {list(b.shape)} does not fit delta shape {list(delta.shape)}")
+                raise InvalidInputError(f"{name}: base shape {list(b.shape)} does not fit delta shape "
+                                        f"{list(delta.shape)}: is --base the LLaMA the delta was made for?")
         shard_name = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
         save_file(merged, os.path.join(out_dir, shard_name), metadata={"format": "pt"})
         out_map.update({name: shard_name for name in merged})

@@ -6,41 +6,45 @@ import logging
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.config import ConfigError, load_config
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
+from mgpt4_dist.config import load_config
+
+PROG = "mgpt4-cache-features"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="mgpt4-cache-features",
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog=PROG,
         description="Run the frozen ViT + Q-Former once over data.shards and write feature shards; then train "
-                    "with data.shards=[DIR/*.tar] data.features=true to skip the vision towers.")
-    p.add_argument("--config", required=True)
+                    "with data.shards=[DIR/*.tar] data.features=true to skip the vision towers.",
+        epilog=examples("mgpt4-cache-features --config mgpt4_dist/configs/stage1_vicuna7b.yaml --out features/",
+                        "mgpt4-train --config mgpt4_dist/configs/stage1_vicuna7b.yaml "
+                        "'data.shards=[features/*.tar]' data.features=true"))
+    p.add_argument("--config", required=True, help="YAML config (model.*, data.shards)")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides (model.*, data.shards)")
     p.add_argument("--out", required=True, help="output folder for the feature shards")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="stored precision (the original runs the towers in fp16)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    from mgpt4_dist.cache_features import cache_features
-    from mgpt4_dist.models.loading import CheckpointMismatchError
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    return p
 
-    try:
-        report = cache_features(load_config(args.config, args.overrides), args.out, args.batch_size, args.dtype,
-                                args.device)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointMismatchError) as e:
-        print(f"mgpt4-cache-features: error: {e}", file=sys.stderr)
-        return 2
+
+@user_errors(PROG)
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    import torch
+
+    from mgpt4_dist.cache_features import cache_features
+    from mgpt4_dist.inference.loader import check_device
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
+    report = cache_features(load_config(args.config, args.overrides), args.out, args.batch_size, args.dtype, device)
     print(f"cached features of {report.samples} samples ({report.skipped} skipped) into {len(report.shards)} "
           f"shards in {report.out_dir}; train with data.shards=[{report.out_dir}/*.tar] data.features=true")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -14,18 +14,27 @@ import os
 import sys
 from typing import List, Optional
 
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
+
+PROG = "mgpt4-chat"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mgpt4-chat", description="Chat with MiniGPT-4 about an image.")
-    p.add_argument("--model", required=True, help="folder written by mgpt4-consolidate")
+    p = ArgumentParser(
+        prog=PROG,
+        description="Chat with MiniGPT-4 about an image: a folder written by mgpt4-consolidate, one answer with "
+                    "--prompt, else an interactive session (empty line, /quit or Ctrl-D ends; /reset starts over).",
+        epilog=examples("mgpt4-chat --model exported/ --image cat.jpg --prompt 'What is in the picture?'",
+                        "mgpt4-chat --model exported/ --image cat.jpg --temperature 0   # interactive, greedy"))
+    p.add_argument("--model", required=True, help="folder written by mgpt4-consolidate (not a training step folder)")
     p.add_argument("--image", required=True, help="image file")
-    p.add_argument("--prompt", default=None, help="answer this one question and exit")
-    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--prompt", default=None, help="answer this one question and exit (default: interactive)")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="longest answer in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (deterministic)")
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
                    help="LLM weights in 8/4 bit (bitsandbytes, CUDA only)")
     p.add_argument("--llm-path", default=None, help="override model.llm_path of the folder's config")
@@ -34,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@user_errors(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -43,22 +53,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     hf_logging.disable_progress_bar()
     from mgpt4_dist.inference import Chat, ImageError, load_model
-    from mgpt4_dist.models.loading import CheckpointMismatchError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_beams=args.num_beams)
-    try:
-        if not os.path.isfile(args.image):  # fail before the (slow) model load
-            raise ImageError(f"image not found: {args.image}")
-        bundle = load_model(args.model, device=device, dtype=args.dtype, quantization=args.quantization,
-                            llm_path=args.llm_path, vit_checkpoint=args.vit_checkpoint,
-                            qformer_checkpoint=args.qformer_checkpoint)
-        torch.manual_seed(args.seed)
-        chat = Chat(bundle)
-        chat.upload_image(args.image)
-    except (ImageError, FileNotFoundError, ValueError, CheckpointMismatchError) as e:
-        print(f"mgpt4-chat: error: {e}", file=sys.stderr)
-        return 2
+    if not os.path.isfile(args.image):  # fail before the (slow) model load
+        raise ImageError(f"image not found: {args.image}")
+    bundle = load_model(args.model, device=device, dtype=args.dtype, quantization=args.quantization,
+                        llm_path=args.llm_path, vit_checkpoint=args.vit_checkpoint,
+                        qformer_checkpoint=args.qformer_checkpoint)
+    torch.manual_seed(args.seed)
+    chat = Chat(bundle)
+    chat.upload_image(args.image)
     if args.prompt is not None:
         print(chat.ask(args.prompt, **gen), flush=True)
         return 0

@@ -11,30 +11,37 @@ import logging
 import sys
 from typing import List, Optional
 
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="mgpt4-consolidate",
+PROG = "mgpt4-consolidate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog=PROG,
         description="Write model.safetensors (trained llama_proj, fp32), config.json/config.yaml and minigpt4.pth "
                     "(the original {'model': ...} format) from a sharded training checkpoint of either backend "
-                    "(DeepSpeed or FSDP2, read from its meta.json). Streams one tensor at a time.")
+                    "(DeepSpeed or FSDP2, read from its meta.json). Streams one tensor at a time.",
+        epilog=examples("mgpt4-consolidate RUN_DIR/checkpoints/step_00001000 --out exported/",
+                        "mgpt4-consolidate RUN_DIR --out exported/ --full   # self-contained: every frozen weight too"))
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_NNNNNNNN, RUN_DIR/checkpoints/latest, or RUN_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--full", action="store_true",
                    help="also write every frozen weight (sharded safetensors + index, LLM config and tokenizer): "
                         "a self-contained folder")
-    p.add_argument("--shard-size-gb", type=float, default=2.0, help="shard size for --full (default 2)")
-    args = p.parse_args(argv)
+    p.add_argument("--shard-size-gb", type=float, default=2.0, help="shard size for --full, in GiB")
+    return p
+
+
+# FileNotFoundError: consolidate.resolve_step_dir reports a missing checkpoint path with it.
+@user_errors(PROG, also=(FileNotFoundError,))
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
-    from mgpt4_dist.consolidate import CheckpointFormatError, consolidate
+    from mgpt4_dist.consolidate import consolidate
 
-    try:
-        result = consolidate(args.checkpoint, args.out, full=args.full,
-                             shard_bytes=int(args.shard_size_gb * 1024 ** 3))
-    except (CheckpointFormatError, FileNotFoundError, ValueError) as e:
-        print(f"mgpt4-consolidate: error: {e}", file=sys.stderr)
-        return 2
+    result = consolidate(args.checkpoint, args.out, full=args.full, shard_bytes=int(args.shard_size_gb * 1024 ** 3))
     print(f"consolidated {result['step_dir']} -> {args.out}: " +
           ", ".join(f"{k} {v}" for k, v in result["tensors"].items()) + f"; wrote {', '.join(result['files'])}")
     return 0

@@ -5,23 +5,30 @@ import argparse
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.config import ConfigError, save_config
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
+from mgpt4_dist.config import save_config
+
+PROG = "mgpt4-import-config"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="mgpt4-import-config",
-                                description="Turn an original MiniGPT-4 train_configs/eval_configs YAML into an "
-                                            "mgpt4_dist config; prints what was mapped and what could not be.")
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=PROG,
+                       description="Turn an original MiniGPT-4 train_configs/eval_configs YAML into an "
+                                   "mgpt4_dist config; prints what was mapped and what could not be.",
+                       epilog=examples("mgpt4-import-config MiniGPT-4/train_configs/minigpt4_stage2_finetune.yaml "
+                                       "--out stage2.yaml",
+                                       "mgpt4-train --config stage2.yaml run_dir=runs/stage2"))
     p.add_argument("original", help="the original YAML (train_configs/*.yaml or eval_configs/*.yaml)")
     p.add_argument("--out", required=True, help="where to write our YAML")
-    args = p.parse_args(argv)
+    return p
+
+
+@user_errors(PROG)
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     from mgpt4_dist.import_config import import_original_file
 
-    try:
-        report = import_original_file(args.original)
-    except (OSError, ValueError, ConfigError) as e:
-        print(f"mgpt4-import-config: error: {e}", file=sys.stderr)
-        return 2
+    report = import_original_file(args.original)
     save_config(report.config, args.out)
     for src, dst, value in report.mapped:
         print(f"mapped   {src} -> {dst} = {value!r}")

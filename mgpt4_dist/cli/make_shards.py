@@ -17,13 +17,15 @@ import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.data.shards import (CaptionsFileError, Sample, iter_cc_sbu_align, iter_folder_captions,
                                     synthetic_samples, write_shards)
+from mgpt4_dist.errors import UserError
 
 PROG = "mgpt4-make-shards"
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A problem with what the user asked for; the CLI reports it in one line and exits with 2."""
 
 
@@ -122,10 +124,13 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="Write webdataset tar shards (KEY.jpg, KEY.json with the caption, KEY.txt) for mgpt4-train. "
-                    "Captions are stored raw; cleaning happens at training time.")
+                    "Captions are stored raw; cleaning happens at training time.",
+        epilog=examples("mgpt4-make-shards --images DIR --captions captions.jsonl --out shards/",
+                        "mgpt4-make-shards --cc-sbu-align cc_sbu_align/ --out shards/ --prefix cc_sbu_align",
+                        "mgpt4-make-shards --synthetic 1000 --out shards/"))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", help="folder of images; needs --captions")
     source.add_argument("--cc-sbu-align", metavar="DIR",
@@ -137,24 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "image_id) and a caption (caption or text)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--prefix", default="shard", help="shard file names are PREFIX-000000.tar, ...")
-    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000)
+    parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="samples per .tar file")
     parser.add_argument("--seed", type=int, default=0, help="--synthetic only")
     parser.add_argument("--image-size", type=_positive_int, default=64, help="--synthetic only: image side in pixels")
     return parser
 
 
+@user_errors(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.images is None) != (args.captions is None):
         parser.error("--images and --captions go together")
-    try:
-        report = make_shards(args.out, images=args.images, captions=args.captions, cc_sbu_align=args.cc_sbu_align,
-                             synthetic=args.synthetic, seed=args.seed, image_size=args.image_size,
-                             prefix=args.prefix, samples_per_shard=args.samples_per_shard)
-    except InputError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    report = make_shards(args.out, images=args.images, captions=args.captions, cc_sbu_align=args.cc_sbu_align,
+                         synthetic=args.synthetic, seed=args.seed, image_size=args.image_size,
+                         prefix=args.prefix, samples_per_shard=args.samples_per_shard)
     print(report.summary())
     return 0
 

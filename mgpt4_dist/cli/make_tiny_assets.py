@@ -12,6 +12,10 @@ import sys
 from typing import List, Optional
 
 from mgpt4_dist.assets import build_tiny_assets, tiny_overrides  # imports nothing heavy at module level
+from mgpt4_dist.cli import ArgumentParser, examples, user_errors
+from mgpt4_dist.errors import InvalidInputError
+
+PROG = "mgpt4-make-tiny-assets"
 
 
 def _positive_int(text: str) -> int:
@@ -35,8 +39,11 @@ def out_dir_problem(out: str) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mgpt4-make-tiny-assets",
+    parser = ArgumentParser(
+        prog=PROG,
+        epilog=examples("mgpt4-make-tiny-assets --out tiny/",
+                        "mgpt4-train --config mgpt4_dist/configs/tiny_stage1.yaml $(mgpt4-make-tiny-assets --out tiny/ "
+                        "| tail -1 | cut -d' ' -f2-) run_dir=/tmp/r"),
         description="Write a tiny random MiniGPT-4 setup (tokenizer + LLaMA folder, EVA ViT and Q-Former weight "
                     "files in the original layouts, synthetic WebDataset shards) and print the config overrides "
                     "that use it. Reruns with the same options reuse the folder.")
@@ -48,20 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     problem = out_dir_problem(args.out)
     if problem:
-        parser.error(f"--out {args.out}: {problem}")  # exits 2
+        raise InvalidInputError(f"--out {args.out}: {problem}; choose another folder")
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
         paths = build_tiny_assets(args.out, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
                                   seed=args.seed, force=args.force, progress=True)
     except OSError as e:
-        # e.g. --out below a regular file, or not writable: a usage problem, not a crash.
-        parser.error(f"--out {args.out}: cannot write there ({e})")
+        # e.g. --out not writable, or a full disk: a usage problem, not a crash.
+        raise InvalidInputError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
     print(f"tiny assets in {os.path.abspath(args.out)}: LLaMA folder {paths['llm_path']}, "
           f"ViT {paths['vit_checkpoint']}, Q-Former {paths['qformer_checkpoint']}, "
           f"{args.num_samples} samples in {paths['shards_pattern']}")

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mgpt4_dist.data.shards import (BadSampleError, decode_feature_sample, decode_sample, expand_shard_pattern,
                                     read_shard_samples)
 from mgpt4_dist.data.transforms import build_resize_transform, normalize_images
+from mgpt4_dist.errors import InvalidInputError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,17 @@ class Source:
 def resolve_sources(patterns_and_weights: List[tuple]) -> List[Source]:
     """Expand shard patterns; a pattern that matches nothing is an error before training starts."""
     if not patterns_and_weights:
-        raise ValueError("data.shards is empty: give at least one shard pattern")
+        raise InvalidInputError("data.shards is empty: give at least one shard pattern, e.g. "
+                                "data.shards=[/data/cc_sbu/{00000..01255}.tar] (mgpt4-make-shards writes shards)")
     sources = []
     for pattern, weight in patterns_and_weights:
-        shards = expand_shard_pattern(pattern)
+        try:
+            shards = expand_shard_pattern(pattern)
+        except FileNotFoundError as e:
+            raise MissingFileError(f"data.shards: {e}; check the path, or write shards with "
+                                   f"mgpt4-make-shards") from None
         if weight <= 0:
-            raise ValueError(f"data.shards: weight of {pattern!r} must be > 0")
+            raise InvalidInputError(f"data.shards: weight of {pattern!r} must be > 0")
         sources.append(Source(shards, float(weight)))
     return sources
 
@@ -106,7 +112,7 @@ class ShardStream(IterableDataset):
         self.all_shards = sorted({s for src in sources for s in src.shards})
         num_streams = world_size * self.num_workers
         if not resample and len(self.all_shards) < num_streams:
-            raise ValueError(
+            raise InvalidInputError(
                 f"data.resample=false needs at least world_size x num_workers = {num_streams} shards "
                 f"so every stream reads a distinct split; found {len(self.all_shards)}. "
                 f"Write smaller shards, lower data.num_workers, or use data.resample=true")

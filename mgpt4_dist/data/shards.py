@@ -34,6 +34,7 @@ from tqdm import tqdm
 from mgpt4_dist.data import BadSampleError
 from mgpt4_dist.data.text import blip_caption
 from mgpt4_dist.data.transforms import decode_image
+from mgpt4_dist.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +53,7 @@ Sample = Tuple[str, bytes, str]  # (key, JPEG bytes, caption)
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 
 
-class CaptionsFileError(ValueError):
+class CaptionsFileError(UserError, ValueError):
     """A captions/annotations file that cannot be used as a whole (format, columns, structure)."""
 
 

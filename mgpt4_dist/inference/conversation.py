@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from mgpt4_dist.errors import InvalidInputError
+
 SYSTEM = ("Give the following image: <Img>ImageContent</Img>. "
           "You will be able to see the image once I provide it to you. Please answer my questions.")
 IMAGE_MESSAGE = "<Img><ImageHere></Img>"
@@ -62,5 +64,5 @@ class Conversation:
 
 def new_conversation(style: str) -> Conversation:
     if style not in STYLES:
-        raise ValueError(f"unknown conversation style {style!r}; one of {', '.join(STYLES)}")
+        raise InvalidInputError(f"unknown conversation style {style!r}; one of {', '.join(STYLES)}")
     return Conversation(style=style)

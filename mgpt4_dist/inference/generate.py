@@ -13,11 +13,12 @@ from typing import List, Optional
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from mgpt4_dist.errors import UserError
 from mgpt4_dist.inference.conversation import Conversation, new_conversation
 from mgpt4_dist.models.sequence import IMAGE_PLACEHOLDER
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image file that is missing or cannot be decoded."""
 
 

@@ -16,6 +16,7 @@ from typing import Optional, Union
 import torch
 
 from mgpt4_dist.config import JobConfig, config_from_dict
+from mgpt4_dist.errors import InvalidInputError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,39 @@ def read_consolidated_config(path: str) -> tuple[JobConfig, dict]:
     conf_json = os.path.join(path, "config.json")
     conf_yaml = os.path.join(path, "config.yaml")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such model folder (write one with mgpt4-consolidate)")
-    if not (os.path.isfile(conf_json) and os.path.isfile(conf_yaml)):
-        raise FileNotFoundError(f"{path}: config.json/config.yaml missing; is this an mgpt4-consolidate output folder?")
+        raise MissingFileError(f"model folder {path}: no such folder; write one with "
+                               f"mgpt4-consolidate RUN_DIR --out DIR")
+    if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isdir(os.path.join(path, "checkpoints")) or \
+            os.path.isfile(os.path.join(path, "latest")):
+        raise InvalidInputError(
+            f"model folder {path}: a training run or checkpoint folder, not a consolidated model; run "
+            f"`mgpt4-consolidate {path} --out DIR` and load DIR (mgpt4-chat --model DIR)")
+    missing = [name for name in ("config.json", "config.yaml") if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise MissingFileError(f"model folder {path}: {' and '.join(missing)} missing there; pass a folder written by "
+                               f"mgpt4-consolidate")
     with open(conf_json) as f:
         info = json.load(f)
     with open(conf_yaml) as f:
         cfg = config_from_dict(yaml.safe_load(f))
     return cfg, info
+
+
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """The device asked for; a malformed name or a CUDA device that is not there is refused up front."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InvalidInputError(f"device {device!r}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                                f"false); use cpu, or check the driver and CUDA_VISIBLE_DEVICES")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> torch.dtype:
@@ -53,7 +79,7 @@ def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in names:
-        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(names)}")
+        raise InvalidInputError(f"dtype {dtype!r}: use one of {', '.join(names)}")
     return names[dtype]
 
 
@@ -62,14 +88,14 @@ def check_quantization(quantization: Optional[str], device: torch.device) -> Non
     if quantization in (None, "", "none"):
         return
     if quantization not in ("8bit", "4bit"):
-        raise ValueError(f"quantization {quantization!r}: use 8bit, 4bit or none")
+        raise InvalidInputError(f"quantization {quantization!r}: use 8bit, 4bit or none")
     if device.type != "cuda":
-        raise ValueError(f"{quantization} LLM weights need a CUDA device (bitsandbytes); this is {device}. "
+        raise InvalidInputError(f"{quantization} LLM weights need a CUDA device (bitsandbytes); this is {device}. "
                          f"Drop the quantization option to run in fp32/bf16 on {device.type}")
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"{quantization} LLM weights need bitsandbytes: pip install bitsandbytes")
+        raise InvalidInputError(f"{quantization} LLM weights need bitsandbytes: pip install bitsandbytes")
 
 
 def _load_llm(cfg: JobConfig, dtype: torch.dtype, device: torch.device, quantization: Optional[str]):
@@ -99,7 +125,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Union
     from mgpt4_dist.models.loading import load_proj_checkpoint, require_frozen_weights
     from mgpt4_dist.models.minigpt4 import MiniGPT4, build_vision_towers
 
-    device = torch.device(device)
+    device = check_device(device)
     dtype = _resolve_dtype(dtype, device)
     check_quantization(quantization, device)
     cfg, info = read_consolidated_config(path)
@@ -115,7 +141,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Union
     for name in ("llm_path", "vit_checkpoint", "qformer_checkpoint"):
         value = getattr(cfg.model, name)
         if value and not full and not os.path.exists(value):
-            raise FileNotFoundError(f"{path}/config.yaml: model.{name}={value} does not exist here; pass "
+            raise MissingFileError(f"{path}/config.yaml: model.{name}={value} does not exist here; pass "
                                     f"{name}=... (mgpt4-chat --{name.replace('_', '-')}) to point at the frozen weights")
     if not full:  # a --full folder carries the towers' weights itself
         require_frozen_weights(cfg.model, f" in {path}/config.yaml (pass --vit-checkpoint/--qformer-checkpoint to "
@@ -155,12 +181,14 @@ def _load_full_weights(model: torch.nn.Module, path: str) -> None:
     """Every tensor from the sharded safetensors of a `--full` folder, strictly by name."""
     from safetensors import safe_open
 
+    from mgpt4_dist.models.loading import CheckpointMismatchError
+
     with open(os.path.join(path, "model.safetensors.index.json")) as f:
         weight_map = json.load(f)["weight_map"]
     expected = model.state_dict()
     missing = [k for k in expected if k not in weight_map and not k.endswith("inv_freq")]
     if missing:
-        raise ValueError(f"{path}: the full checkpoint lacks {len(missing)} tensors (e.g. {missing[:3]})")
+        raise CheckpointMismatchError(f"{path}: the full checkpoint lacks {len(missing)} tensors (e.g. {missing[:3]})")
     by_file = {}
     for key, file in weight_map.items():
         by_file.setdefault(file, []).append(key)

@@ -11,6 +11,8 @@ import tempfile
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from mgpt4_dist.errors import InvalidInputError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 # MiniGPT-4 pads with this literal string (a real piece of the LLaMA vocabulary).
@@ -30,9 +32,9 @@ def choose_attn_impl(requested: str, device_type: str) -> str:
         return "flash_attention_2" if (device_type == "cuda" and flash_attn_available()) else "sdpa"
     if requested == "flash":
         if device_type != "cuda":
-            raise ValueError("model.attn_impl=flash needs a CUDA device; use auto or sdpa on CPU")
+            raise InvalidInputError("model.attn_impl=flash needs a CUDA device; use auto or sdpa on CPU")
         if not flash_attn_available():
-            raise ValueError("model.attn_impl=flash but flash-attn is not installed: pip install .[flash]")
+            raise InvalidInputError("model.attn_impl=flash but flash-attn is not installed: pip install .[flash]")
         return "flash_attention_2"
     if requested in ("sdpa", "eager"):
         return requested
@@ -52,7 +54,7 @@ def load_tokenizer(llm_path: str):
     vocab_before = len(tok)
     tok.pad_token = PAD_TOKEN
     if len(tok) != vocab_before:
-        raise ValueError(f"{llm_path}: the tokenizer has no '{PAD_TOKEN}' piece; MiniGPT-4 pads with it")
+        raise InvalidInputError(f"{llm_path}: the tokenizer has no '{PAD_TOKEN}' piece; MiniGPT-4 pads with it")
     return tok
 
 
@@ -81,10 +83,10 @@ def _tokenizer_from_sentencepiece(llm_path: str):
 
 def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa", build=None) -> LlamaForCausalLM:
     if not llm_path:
-        raise ValueError("model.llm_path is empty: point it at a Hugging Face LLaMA folder "
+        raise InvalidInputError("model.llm_path is empty: point it at a Hugging Face LLaMA folder "
                          "(mgpt4-make-tiny-assets writes a tiny one)")
     if not os.path.isfile(os.path.join(llm_path, "config.json")):
-        raise FileNotFoundError(f"model.llm_path={llm_path}: no config.json there; expected a Hugging Face LLaMA folder")
+        raise MissingFileError(f"model.llm_path={llm_path}: no config.json there; expected a Hugging Face LLaMA folder")
     from mgpt4_dist.models.loading import log_weight_files
 
     log_weight_files("LLM (model.llm_path)", llm_path)
@@ -129,7 +131,7 @@ class _WeightFiles:
             return
         files = sorted(glob.glob(os.path.join(llm_path, "pytorch_model*.bin")))
         if not files:
-            raise FileNotFoundError(f"model.llm_path={llm_path}: no *.safetensors or pytorch_model*.bin weight files")
+            raise MissingFileError(f"model.llm_path={llm_path}: no *.safetensors or pytorch_model*.bin weight files")
         for f in files:
             # Mapped, not read: pages are touched only for the tensors that are copied.
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)

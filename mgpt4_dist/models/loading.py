@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mgpt4_dist.config import ConfigError
-from mgpt4_dist.errors import UserError
+from mgpt4_dist.errors import MissingFileError, UserError
 from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_shape
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def read_weights(path: str, mmap: bool = False) -> dict:
                     raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"weight file not found: {path}") from None
+        raise MissingFileError(f"weight file not found: {path} (check model.vit_checkpoint, model.qformer_checkpoint, "
+                               f"model.proj_checkpoint)") from None
     except Exception as e:  # unpickling refused or corrupt
         raise CheckpointMismatchError(f"{path}: cannot be read as a weights-only checkpoint ({e})") from e
 

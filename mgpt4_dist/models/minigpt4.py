@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpt4_dist.config import ModelConfig
+from mgpt4_dist.config import ConfigError, ModelConfig
 from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_numel, full_shape
 from mgpt4_dist.models.llm import choose_attn_impl, load_llm
 from mgpt4_dist.models.qformer import QFormer
@@ -115,7 +115,8 @@ def vision_feature_shape(visual_encoder: EvaViT, qformer: Optional[QFormer]) -> 
         return qformer.cfg.num_query_tokens, qformer.cfg.hidden_size
     num_patches = visual_encoder.num_tokens - 1
     if num_patches % PATCHES_PER_TOKEN:
-        raise ValueError(f"the Llama-2 variant needs a patch count divisible by {PATCHES_PER_TOKEN}, got {num_patches}")
+        raise ConfigError(f"the Llama-2 variant (model.has_qformer=false) needs a patch count divisible by "
+                          f"{PATCHES_PER_TOKEN}, got {num_patches} from model.vit.img_size / model.vit.patch_size")
     return num_patches // PATCHES_PER_TOKEN, visual_encoder.cfg.embed_dim * PATCHES_PER_TOKEN
 
 
@@ -177,7 +178,8 @@ def build_vision_towers(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = tor
         loading.load_vit_checkpoint(vit, cfg.vit_checkpoint, build)
     if cfg.qformer_checkpoint:
         if qformer is None:
-            raise ValueError("model.qformer_checkpoint is set but model.has_qformer=false (the Llama-2 variant has no Q-Former)")
+            raise ConfigError("model.qformer_checkpoint is set but model.has_qformer=false (the Llama-2 variant has no "
+                              "Q-Former): set model.qformer_checkpoint= (empty)")
         loading.load_qformer_checkpoint(qformer, cfg.qformer_checkpoint, build)
     if ln_vision is not None and cfg.proj_checkpoint:
         loading.load_ln_vision_from_proj_checkpoint(ln_vision, cfg.proj_checkpoint, build)

@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from mgpt4_dist.errors import InvalidInputError
+
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IGNORE_INDEX = -100
 
@@ -68,7 +70,7 @@ class SequenceBuilder:
             return image
         pieces = instruction.split(IMAGE_PLACEHOLDER)
         if len(pieces) != 2:
-            raise ValueError(f"instruction must hold exactly one {IMAGE_PLACEHOLDER}: {instruction!r}")
+            raise InvalidInputError(f"instruction must hold exactly one {IMAGE_PLACEHOLDER}: {instruction!r}")
         return self._ids(pieces[0]) + image + self._ids(pieces[1])
 
     def answers(self, answers: Sequence[str]) -> List[List[int]]:
