@@ -20,7 +20,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "token
               "special_tokens_map.json", "tokenizer.json", "added_tokens.json")
 
 
-def weight_shards(folder: str) -> Tuple[List[str], Dict[str, str]]:
+def weight_shards(folder: str, what: str = "model folder") -> Tuple[List[str], Dict[str, str]]:
     """(shard files in order, tensor name → shard file) of a Hugging Face model folder."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(folder, index_name)
@@ -34,8 +34,8 @@ def weight_shards(folder: str) -> Tuple[List[str], Dict[str, str]]:
         if os.path.isfile(path):
             return [path], {name: path for name in shard_tensor_names(path)}
     if not os.path.isdir(folder):
-        raise MissingFileError(f"{folder}: no such folder")
-    raise MissingFileError(f"{folder}: no model.safetensors, pytorch_model.bin or their index files; "
+        raise MissingFileError(f"{what} {folder}: no such folder")
+    raise MissingFileError(f"{what} {folder}: no model.safetensors, pytorch_model.bin or their index files; "
                            f"expected a Hugging Face model folder")
 
 
@@ -82,8 +82,8 @@ def apply_delta(base_dir: str, delta_dir: str, out_dir: str, progress: bool = Tr
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    base_files, base_map = weight_shards(base_dir)
-    delta_files, delta_map = weight_shards(delta_dir)
+    base_files, base_map = weight_shards(base_dir, "--base")
+    delta_files, delta_map = weight_shards(delta_dir, "--delta")
     missing = sorted(set(delta_map) - set(base_map))
     if missing:
         raise InvalidInputError(f"--base {base_dir} lacks {len(missing)} tensors of the delta (e.g. {missing[:3]}): "
