@@ -20,6 +20,7 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
+from mgpt4_dist.checkpoint import ResumePoint, saved_world_size
 from mgpt4_dist.config import ConfigError, JobConfig, config_from_dict, to_dict
 from mgpt4_dist.errors import UserError
 
@@ -43,10 +44,10 @@ class RunDirError(UserError):
 
 
 def _checkpoint_tags(run_dir: str) -> List[str]:
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
+    try:
+        return sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_"))
+    except OSError:  # none (or rank 0 is deleting it under run.overwrite)
         return []
-    return sorted(n for n in os.listdir(root) if n.startswith("step_"))
 
 
 def _metric_steps(run_dir: str) -> List[int]:
@@ -72,6 +73,22 @@ def previous_run(run_dir: str) -> Optional[str]:
     if steps:
         found.append(f"metrics.jsonl with steps {min(steps)}-{max(steps)}")
     return " and ".join(found) or None
+
+
+def prepare(cfg: JobConfig, point: Optional[ResumePoint], rank: int, world: int, accum: int) -> Optional[str]:
+    """All checks before a run writes to its run dir (every rank calls it). `point` is the
+    checkpoint to resume from, or None. Returns "finished" when there is nothing to do (said on
+    rank 0), else None; raises RunDirError for a refusal."""
+    check_run_dir(cfg, point is not None, rank)
+    if point is None:
+        return None
+    done = finished_at(point.tag, cfg)
+    if done:
+        if rank == 0:
+            print(done, flush=True)
+        return "finished"
+    check_resume_changes(cfg, point.path, saved_world_size(point), world, accum)
+    return None
 
 
 def check_run_dir(cfg: JobConfig, resuming: bool, rank: int) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from mgpt4_dist import dist, envreport, run_dir
 from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_checkpoint, save_checkpoint,
-                                   saved_world_size, set_rng_state, step_tag)
+                                   set_rng_state, step_tag)
 from mgpt4_dist.cache_features import check_sources_kind
 from mgpt4_dist.cli import ArgumentParser, examples, report_user_error
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
@@ -135,17 +135,11 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
     prompts = load_prompts(cfg.data)
     require_frozen_weights(cfg.model)
     check_sources_kind(sources, cfg.data.features, cfg.model)
-    # Before anything is written: no second run over an earlier one, no silent change on resume.
     point = find_resume_point(cfg)
-    run_dir.check_run_dir(cfg, point is not None, rank)
-    finished = point is not None and run_dir.finished_at(point.tag, cfg)
-    if finished:
-        if rank == 0:
-            print(finished, flush=True)
+    # Before anything is written: no second run over an earlier one, no silent change on resume.
+    if run_dir.prepare(cfg, point, rank, world, accum) == "finished":
         return {"step": run_dir.checkpoint_step(point.tag), "loss": None, "checkpoint": point.path,
                 "run_dir": cfg.run_dir, "preempted": False}
-    if point is not None:
-        run_dir.check_resume_changes(cfg, point.path, saved_world_size(point), world, accum)
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))

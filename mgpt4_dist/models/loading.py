@@ -76,7 +76,8 @@ def require_frozen_weights(cfg, where: str = "") -> None:
         return
     names = " and ".join(f"model.{key}" for key in empty)
     if not cfg.allow_random_weights:
-        towers = {"vit_checkpoint": ("ViT", "eva_vit_g.pth"), "qformer_checkpoint": ("Q-Former", "blip2_pretrained_flant5xxl.pth")}
+        towers = {"vit_checkpoint": ("ViT", "eva_vit_g.pth"),
+                  "qformer_checkpoint": ("Q-Former", "blip2_pretrained_flant5xxl.pth")}
         raise ConfigError(f"{names} {'is' if len(empty) == 1 else 'are'} empty{where}: the frozen "
                         f"{' and '.join(towers[k][0] for k in empty)} would be random; set "
                         + " ".join(f"model.{k}=PATH/{towers[k][1]}" for k in empty)

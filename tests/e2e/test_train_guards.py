@@ -111,7 +111,8 @@ def test_run_dir_resume_and_skip_counts(tiny_assets, tmp_path):
     assert (run_dir / "config.yaml").read_bytes() == config_before
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2]
 
-    out = ok(run("mgpt4-train", *base, "train.max_steps=3", "train.micro_batch_size=4", "checkpoint.allow_changes=true"))
+    out = ok(run("mgpt4-train", *base, "train.max_steps=3", "train.micro_batch_size=4",
+                 "checkpoint.allow_changes=true"))
     assert "changes that break exact resume (checkpoint.allow_changes=true): train.micro_batch_size 8 -> 4" in out
     assert "train.max_steps 2 -> 3" in out  # printed, not refused: the schedule follows the new length
     metrics = read_metrics(run_dir)
@@ -127,6 +128,7 @@ def test_run_dir_resume_and_skip_counts(tiny_assets, tmp_path):
 
 
 def test_empty_frozen_weight_paths_are_refused_by_every_command(tiny_assets, tmp_path):
+    import torch
     from PIL import Image
 
     from mgpt4_dist.config import save_config
@@ -138,11 +140,10 @@ def test_empty_frozen_weight_paths_are_refused_by_every_command(tiny_assets, tmp
             in line and "model.allow_random_weights=true" in line), line
     assert not (tmp_path / "r").exists()
     torch_images = tmp_path / "images.pt"
-    import torch
-
     torch.save(torch.zeros(1, 3, 224, 224), torch_images)
     (tmp_path / "answers.json").write_text(json.dumps(["a red square"]))
-    line = refused(run("mgpt4-eval-loss", "--config", TINY_STAGE1, *no_towers, "--images", torch_images, "--answers", tmp_path / "answers.json"), "mgpt4-eval-loss")
+    line = refused(run("mgpt4-eval-loss", "--config", TINY_STAGE1, *no_towers, "--images", torch_images,
+                       "--answers", tmp_path / "answers.json"), "mgpt4-eval-loss")
     assert "model.vit_checkpoint and model.qformer_checkpoint are empty" in line, line
     line = refused(run("mgpt4-cache-features", "--config", TINY_STAGE1, *tiny_without(tiny_assets, "model.qformer"),
                        "--out", tmp_path / "feats"), "mgpt4-cache-features")
@@ -150,7 +151,8 @@ def test_empty_frozen_weight_paths_are_refused_by_every_command(tiny_assets, tmp
     # mgpt4-chat on a model folder whose config.yaml names no ViT file
     model = tmp_path / "model"
     model.mkdir()
-    save_config(load_config(TINY_STAGE1, [*tiny_assets["overrides"], "model.vit_checkpoint="]), str(model / "config.yaml"))
+    cfg = load_config(TINY_STAGE1, [*tiny_assets["overrides"], "model.vit_checkpoint="])
+    save_config(cfg, str(model / "config.yaml"))
     (model / "config.json").write_text("{}")
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
     line = refused(run("mgpt4-chat", "--model", model, "--image", tmp_path / "red.png", "--prompt", "hi"), "mgpt4-chat")
