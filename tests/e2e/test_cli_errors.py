@@ -76,7 +76,7 @@ CASES = [
     ("mgpt4-chat", ["--model", "{d}/run/checkpoints/step_00000002", "--image", "{d}/red.png", "--prompt", "hi"],
      ["step_00000002", "not a consolidated model", "mgpt4-consolidate"]),
     ("mgpt4-plan", ["--config", TINY_STAGE1, "--gpu-mem", "lots"], ["--gpu-mem", "'lots'"]),
-    ("mgpt4-cache-features", ["--config", TINY_STAGE1, "data.shards=[{d}/none-*.tar]", "--out", "{d}/f",
+    ("mgpt4-cache-features", ["--config", TINY_STAGE1, "data.shards=[{d}/none-*.tar]", "model.allow_random_weights=true", "--out", "{d}/f",
                               "--device", "cpu"], ["data.shards", "none-*.tar"]),
 ]
 
