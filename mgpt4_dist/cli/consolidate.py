@@ -16,8 +16,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="mgpt4-consolidate",
         description="Write model.safetensors (trained llama_proj, fp32), config.json/config.yaml and minigpt4.pth "
-                    "(the original {'model': ...} format) from a sharded training checkpoint of either backend "
-                    "(DeepSpeed or FSDP2, read from its meta.json). Streams one tensor at a time.")
+                    "(the original {'model': ...} format) from a training checkpoint of any engine (DeepSpeed ZeRO "
+                    "0-3, FSDP2) and world size, read from its step folder's trainable_state.safetensors.")
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_NNNNNNNN, RUN_DIR/checkpoints/latest, or RUN_DIR")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--full", action="store_true",
