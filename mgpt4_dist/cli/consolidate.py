@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
         description="Write model.safetensors (trained llama_proj, fp32), config.json/config.yaml and minigpt4.pth "
-                    "(the original {'model': ...} format) from a sharded training checkpoint of either backend "
-                    "(DeepSpeed or FSDP2, read from its meta.json). Streams one tensor at a time.",
+                    "(the original {'model': ...} format) from a training checkpoint of any engine (DeepSpeed ZeRO "
+                    "0-3, FSDP2) and world size, read from its step folder's trainable_state.safetensors.",
         epilog=examples("mgpt4-consolidate RUN_DIR/checkpoints/step_00001000 --out exported/",
                         "mgpt4-consolidate RUN_DIR --out exported/ --full   # self-contained: every frozen weight too"))
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step_NNNNNNNN, RUN_DIR/checkpoints/latest, or RUN_DIR")
