@@ -60,7 +60,7 @@ def test_combination_trains_from_the_cli(name, tiny_assets, run_train, tmp_path)
     run_dir = tmp_path / "run"
     precision = next((a.split("=")[1] for a in COMBOS[name] if a.startswith("train.precision=")), "fp32")
     proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=2",
-                      "train.log_every=1", "train.micro_batch_size=1", "data.num_workers=0", *COMBOS[name]],
+                      "train.log_every=1", "train.micro_batch_size=1", *COMBOS[name]],
                      launcher="torchrun", check=supported_here(precision))
     if not supported_here(precision):
         # Refused when the engine is built: each rank says why in one line and exits 2 (torchrun reports

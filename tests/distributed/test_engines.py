@@ -39,7 +39,7 @@ MOMENT_ATOL = {"exp_avg": 1e-7, "exp_avg_sq": 1e-10}
 
 def common(tiny_assets, run_dir, steps=STEPS, micro=2):
     return ["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", f"train.max_steps={steps}",
-            "train.log_every=1", f"train.micro_batch_size={micro}", "data.num_workers=0", "optim.lr=3e-3",
+            "train.log_every=1", f"train.micro_batch_size={micro}", "optim.lr=3e-3",
             "optim.warmup_steps=2", "checkpoint.every_steps=100"]
 
 

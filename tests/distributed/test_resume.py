@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def common(tiny_assets, *extra):
-    return ["--config", TINY_STAGE1, *tiny_assets["overrides"], "train.log_every=1", "data.num_workers=0", *extra]
+    return ["--config", TINY_STAGE1, *tiny_assets["overrides"], "train.log_every=1", *extra]
 
 
 def last_loss_per_step(run_dir):

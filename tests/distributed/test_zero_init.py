@@ -30,7 +30,7 @@ RUNS = {
 
 def args(tiny_assets, run_dir):
     return ["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", f"train.max_steps={STEPS}",
-            "train.log_every=1", "train.micro_batch_size=2", "data.num_workers=0", "optim.lr=3e-3",
+            "train.log_every=1", "train.micro_batch_size=2", "optim.lr=3e-3",
             "optim.warmup_steps=1", "checkpoint.every_steps=100", "parallel.zero_stage=3"]
 
 

@@ -41,8 +41,7 @@ def test_cached_features_equal_the_towers_output(tiny_assets, cached):
 
 @pytest.mark.slow
 def test_training_on_features_matches_training_on_images(tiny_assets, cached, run_train, tmp_path):
-    common = ["--config", TINY_STAGE1, *tiny_assets["overrides"], "train.max_steps=3", "train.log_every=1",
-              "data.num_workers=0"]
+    common = ["--config", TINY_STAGE1, *tiny_assets["overrides"], "train.max_steps=3", "train.log_every=1"]
     run_train(common + [f"run_dir={tmp_path / 'images'}"], launcher="none")
     run_train(common + [f"run_dir={tmp_path / 'features'}", f"data.shards=[{cached}/*.tar]", "data.features=true"],
               launcher="none")

@@ -19,8 +19,7 @@ GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
 def model_dir(tiny_assets, run_train, tmp_path_factory):
     base = tmp_path_factory.mktemp("chat")
     run_dir = str(base / "run")
-    run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=1",
-               "data.num_workers=0"], launcher="none")
+    run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=1"], launcher="none")
     out = str(base / "model")
     from mgpt4_dist.consolidate import consolidate
 

@@ -16,7 +16,7 @@ from conftest import REPO, TINY_STAGE1, free_port
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 # A tiny single-process run: FSDP needs no compiled DeepSpeed ops, so it starts in seconds.
-FAST_TRAIN = ["train.max_steps=2", "checkpoint.every_steps=1", "data.num_workers=0", "train.micro_batch_size=2",
+FAST_TRAIN = ["train.max_steps=2", "checkpoint.every_steps=1", "train.micro_batch_size=2",
               "logging.tensorboard=false", "logging.progress=false", "parallel.backend=fsdp"]
 
 

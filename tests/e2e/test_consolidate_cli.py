@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow]
 def zero_run(request, tiny_assets, run_train, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp(f"zero{request.param}") / "run")
     run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=2",
-               "data.num_workers=0", f"parallel.zero_stage={request.param}", "optim.lr=3e-3"], launcher="torchrun")
+               f"parallel.zero_stage={request.param}", "optim.lr=3e-3"], launcher="torchrun")
     return run_dir
 
 
@@ -86,7 +86,7 @@ def test_fsdp_checkpoint_consolidates_to_the_gathered_weights(tiny_assets, run_t
 
     run_dir = str(tmp_path / "run")
     run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=2",
-               "data.num_workers=0", "parallel.backend=fsdp", "optim.lr=3e-3"], launcher="torchrun")
+               "parallel.backend=fsdp", "optim.lr=3e-3"], launcher="torchrun")
     out = str(tmp_path / "out")
     proc = consolidate(run_dir, "--out", out)
     assert proc.returncode == 0, proc.stderr

@@ -33,7 +33,7 @@ def write_feature_shard(path, num_samples, nan_keys=()):
 def args(tiny_assets, shard, run_dir, *extra):
     weights = [o for o in tiny_assets["overrides"] if not o.startswith("data.shards=")]
     return ["--config", TINY_STAGE1, *weights, "data.features=true", f"data.shards=[{shard}]",
-            f"run_dir={run_dir}", "train.log_every=1", "data.num_workers=0", *extra]
+            f"run_dir={run_dir}", "train.log_every=1", *extra]
 
 
 def test_nonfinite_batch_is_dropped_and_counted(tiny_assets, run_train, tmp_path):

@@ -42,7 +42,7 @@ def test_shard_pattern_matching_nothing_fails_before_training(tiny_assets, tmp_p
 def test_single_process_without_launcher(tiny_assets, run_train, tmp_path):
     run_dir = str(tmp_path / "run")
     proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=6",
-                      "train.log_every=1", "data.num_workers=0", "data.group_by_length=2", "--profile"],
+                      "train.log_every=1", "data.group_by_length=2", "--profile"],
                      launcher="none")
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     import yaml
@@ -105,7 +105,7 @@ def test_stage2_from_a_stage1_projection_on_a_cc_sbu_align_folder(tiny_assets, r
     run_dir = tmp_path / "run"
     proc = run_train(["--config", TINY_STAGE2, *overrides, f"run_dir={run_dir}", f"data.shards=[{root}]",
                       f"model.proj_checkpoint={tmp_path / 'stage1.pth'}", "train.max_steps=3", "train.log_every=1",
-                      "data.num_workers=0", "optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0"], launcher="none")
+                      "optim.lr=0", "optim.warmup_start_lr=0", "optim.min_lr=0"], launcher="none")
     metrics = read_metrics(str(run_dir))
     assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[0]["skipped"] == 0
     # lr 0: the projection must still be exactly the stage-1 one, loaded from the original format.
@@ -123,7 +123,7 @@ def test_compiled_blocks_train_like_eager(tiny_assets, run_train, tmp_path):
     for compiled in (False, True):
         run_dir = str(tmp_path / f"compile_{compiled}")
         proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=3",
-                          "train.log_every=1", "data.num_workers=0", f"train.compile={str(compiled).lower()}"],
+                          "train.log_every=1", f"train.compile={str(compiled).lower()}"],
                          launcher="none")
         assert ("torch.compile: 6 transformer blocks" in proc.stdout + proc.stderr) == compiled
         losses[compiled] = [m["loss"] for m in read_metrics(run_dir)]
@@ -134,7 +134,7 @@ def test_compiled_blocks_train_like_eager(tiny_assets, run_train, tmp_path):
     for compiled in (False, True):
         run_dir = str(tmp_path / f"fsdp_compile_{compiled}")
         run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=3",
-                   "train.log_every=1", "data.num_workers=0", f"train.compile={str(compiled).lower()}",
+                   "train.log_every=1", f"train.compile={str(compiled).lower()}",
                    "parallel.backend=fsdp"], launcher="torchrun")
         fsdp[compiled] = [m["loss"] for m in read_metrics(run_dir)]
     assert len(fsdp[True]) == 3 and fsdp[True] == pytest.approx(fsdp[False], rel=1e-5)
