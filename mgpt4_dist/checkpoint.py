@@ -43,7 +43,7 @@ import torch
 
 from mgpt4_dist import dist
 from mgpt4_dist.config import JobConfig, save_config
-from mgpt4_dist.errors import UserError
+from mgpt4_dist.errors import MissingFileError, UserError
 from mgpt4_dist.trainable_state import TAG_RE, TRAINABLE_STATE, TrainableState, write_trainable_state
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def find_resume_point(cfg: JobConfig) -> Optional[ResumePoint]:
         with open(latest) as f:
             tag = f.read().strip()
         if not os.path.isdir(os.path.join(root, tag)):
-            raise FileNotFoundError(f"{latest} points at {tag}, which does not exist")
+            raise MissingFileError(f"{latest} points at {tag}, which does not exist")
         return ResumePoint(root, tag)
     path = os.path.abspath(mode)
     if os.path.isfile(os.path.join(path, "checkpoints", "latest")):  # a run dir
@@ -192,20 +192,20 @@ def find_resume_point(cfg: JobConfig) -> Optional[ResumePoint]:
             return ResumePoint(path, f.read().strip())
     if os.path.isdir(path) and TAG_RE.match(os.path.basename(path)):
         return ResumePoint(os.path.dirname(path), os.path.basename(path))
-    raise FileNotFoundError(f"checkpoint.resume={mode}: not a step_NNNNNNNN folder, a checkpoints folder or a run dir")
+    raise MissingFileError(f"checkpoint.resume={mode}: not a step_NNNNNNNN folder, a checkpoints folder or a run dir")
 
 
 def load_trainer_state(point: ResumePoint, rank: int) -> dict:
     path = os.path.join(point.path, f"trainer_state_rank{rank}.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
+        raise MissingFileError(f"{path} is missing: the checkpoint is incomplete")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_checkpoint_meta(point: ResumePoint) -> dict:
     path = os.path.join(point.path, "meta.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{point.path}: no meta.json; not a complete mgpt4-train checkpoint")
+        raise MissingFileError(f"{point.path}: no meta.json; not a complete mgpt4-train checkpoint")
     with open(path) as f:
         return json.load(f)
 

@@ -18,7 +18,7 @@ from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
-from mgpt4_dist.errors import UserError
+from mgpt4_dist.errors import MissingFileError, UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step counter
@@ -166,7 +166,7 @@ def resolve_step_dir(path: str) -> str:
         if os.path.isdir(path):  # a folder named latest: take it as is
             return path
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no `latest` pointer there")
+            raise MissingFileError(f"{path}: no `latest` pointer there")
         with open(path) as f:
             return os.path.join(root, f.read().strip())
     for root in (path, os.path.join(path, "checkpoints")):
@@ -175,5 +175,5 @@ def resolve_step_dir(path: str) -> str:
             with open(latest) as f:
                 return os.path.join(root, f.read().strip())
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        raise MissingFileError(f"{path}: no such checkpoint folder")
     return path

@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-from mgpt4_dist.config import JobConfig
+from mgpt4_dist.config import ConfigError, JobConfig
 from mgpt4_dist.parallel.engine import Engine, check_precision
 
 __all__ = ["Engine", "build_engine"]
@@ -40,10 +40,11 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_s
         from mgpt4_dist.parallel.fsdp_engine import FSDPEngine
 
         if cfg.parallel.offload != "none":
-            raise ValueError("parallel.offload is a DeepSpeed option; use parallel.backend=deepspeed or offload=none")
+            raise ConfigError(f"parallel.offload={cfg.parallel.offload} is a DeepSpeed option: use "
+                              f"parallel.backend=deepspeed, or parallel.offload=none with FSDP")
         engine = FSDPEngine(cfg, model, world_size, grad_accum_steps)
     else:
-        raise ValueError(f"parallel.backend={cfg.parallel.backend!r}: choose deepspeed or fsdp")
+        raise ConfigError(f"parallel.backend={cfg.parallel.backend!r}: choose deepspeed or fsdp")
     log.info("engine %s: %.1f MB of parameters on this rank", type(engine).__name__, engine.param_bytes() / 2**20)
     _maybe_report(engine)
     return engine

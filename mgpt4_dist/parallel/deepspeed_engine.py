@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mgpt4_dist.config import JobConfig
+from mgpt4_dist.errors import MissingFileError
 from mgpt4_dist.optim import build_optimizer, build_scheduler
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
 from mgpt4_dist.trainable_state import MOMENTS, FullState
@@ -138,7 +139,7 @@ class DeepSpeedEngine(Engine):
     def load(self, ckpt_root: str, tag: str) -> None:
         path, _ = self.engine.load_checkpoint(ckpt_root, tag=tag, load_module_strict=False)
         if path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint at {os.path.join(ckpt_root, tag)}")
+            raise MissingFileError(f"DeepSpeed found no checkpoint at {os.path.join(ckpt_root, tag)}")
 
     # ------------------------------------------------------------------ the engine-neutral state
     # ZeRO 1-3 (and DeepSpeed's bf16 optimizer at ZeRO-1) map every parameter onto the flat fp32

@@ -27,6 +27,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from mgpt4_dist.config import JobConfig
+from mgpt4_dist.errors import MissingFileError
 from mgpt4_dist.models.minigpt4 import transformer_blocks
 from mgpt4_dist.optim import build_optimizer, build_scheduler
 from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
@@ -179,7 +180,7 @@ class FSDPEngine(Engine):
 
         path = os.path.join(ckpt_root, tag)
         if not os.path.isfile(os.path.join(path, ".metadata")):
-            raise FileNotFoundError(f"no FSDP (torch.distributed.checkpoint) checkpoint at {path}")
+            raise MissingFileError(f"no FSDP (torch.distributed.checkpoint) checkpoint at {path}")
         (model_sd, optim_sd), _ = self._states()
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=path)
