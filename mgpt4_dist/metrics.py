@@ -1,7 +1,9 @@
 """Training metrics: `RUN_DIR/metrics.jsonl`, TensorBoard under `RUN_DIR/tb/`, a progress line.
 
 Only rank 0 writes. A resumed run appends to the same jsonl file, so the file holds the whole
-curve of a run across preemptions.
+curve of a run across preemptions and crash restarts. An attempt that crashed logged steps past its
+last checkpoint, which the next attempt trains again: those records are dropped when the resumed run
+opens the file, and TensorBoard is told to hide them (`purge_step`), so every step appears once.
 """
 from __future__ import annotations
 
@@ -33,9 +35,24 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrite `path` without the records of steps after `step` (atomically: a crash leaves either file)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, max_steps: int, enabled: bool, tensorboard: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.max_steps = max_steps
         self.progress = progress
@@ -48,11 +65,13 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        _drop_records_after(self.jsonl_path, resume_step)
         self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.tb_dir)
+            # purge_step: TensorBoard hides what earlier event files logged from this step on.
+            self.writer = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if os.path.isdir(self.tb_dir) else None)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

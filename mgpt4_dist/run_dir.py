@@ -98,6 +98,12 @@ def check_run_dir(cfg: JobConfig, resuming: bool, rank: int) -> None:
     found = previous_run(cfg.run_dir)
     if found is None:
         return
+    if not _checkpoint_tags(cfg.run_dir) and cfg.checkpoint.resume == "auto" and _same_run(cfg):
+        # An earlier attempt of this very run (same config) stopped before its first checkpoint, e.g. a
+        # rank crashed and the job restarted itself: start it again; its metrics are dropped on open.
+        log.info("run_dir=%s: an earlier attempt of this run stopped before its first checkpoint (%s): "
+                 "starting again from step 0", cfg.run_dir, found)
+        return
     if not cfg.run.overwrite:
         why = ("checkpoint.resume=never would start a second run over it" if cfg.checkpoint.resume == "never"
                else f"there is no checkpoint to continue from (checkpoint.resume={cfg.checkpoint.resume})")
@@ -111,6 +117,19 @@ def check_run_dir(cfg: JobConfig, resuming: bool, rank: int) -> None:
             elif os.path.exists(path):
                 os.remove(path)
         log.info("run.overwrite=true: deleted the earlier run in %s (%s)", cfg.run_dir, found)
+
+
+def _same_run(cfg: JobConfig) -> bool:
+    """RUN_DIR/config.yaml (written when a run starts) is this config, but for the keys that may differ
+    between the parts of one run."""
+    path = os.path.join(cfg.run_dir, "config.yaml")
+    try:
+        with open(path) as f:
+            before = _flatten(yaml.safe_load(f) or {})
+    except (OSError, yaml.YAMLError):
+        return False
+    after = _flatten(to_dict(cfg))
+    return all(before.get(key) == value for key, value in after.items() if key not in IGNORED_KEYS)
 
 
 def checkpoint_step(tag: str) -> int:

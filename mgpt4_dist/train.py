@@ -186,7 +186,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
         start=data_start, pin_memory=device.type == "cuda", features=cfg.data.features,
         group_by_length=cfg.data.group_by_length)
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, enabled=rank == 0,
-                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+                            tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, resume_step=step)
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
     stop = stop or StopSignal()
     ckpt_dir = None

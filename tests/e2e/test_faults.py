@@ -59,8 +59,11 @@ def rank_pids(log_path):
 
 
 def losses(run_dir):
-    # A killed attempt logged steps that the restarted one repeats: the last record of a step wins.
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+    # A killed attempt logged steps past its last checkpoint; the restarted one dropped them before
+    # training them again: every step once, in order.
+    records = read_metrics(run_dir)
+    assert [m["step"] for m in records] == list(range(1, len(records) + 1)), [m["step"] for m in records]
+    return {m["step"]: m["loss"] for m in records}
 
 
 @pytest.fixture(scope="module")
