@@ -101,11 +101,10 @@ def main() -> int:
             f"its files hold the fp32 weights in the module file and in the optimizer partitions, plus the two Adam "
             f"moments. Each tool runs in a fresh process; the floor row is a process that only imports torch.\n\n"
             + "\n".join(table) + "\n\n"
-            "mgpt4-consolidate writes model.safetensors + minigpt4.pth (the 92 MB of weights twice) and reads "
-            "only the fp32 partitions: the shard files are memory-mapped, so the Adam moments are never paged in. "
-            "Its peak above the floor is the mapped pages of the tensor being assembled plus its one fp32 copy "
-            "(about 2 x the largest tensor), whatever the checkpoint's size; zero_to_fp32 (one output file) keeps "
-            "the merged partitions and the returned state dict. Copying is the I/O floor (no torch import).")
+            "mgpt4-consolidate writes model.safetensors + minigpt4.pth (the 92 MB of weights twice) from the "
+            "fp32 tensors of the step folder's trainable_state.safetensors (written whole by rank 0 at save time, "
+            "for every engine): DeepSpeed's partitions are not read. zero_to_fp32 (one output file) merges the "
+            "partitions and keeps the returned state dict. Copying is the I/O floor (no torch import).")
     print(body)
     if args.write:
         write_section("Consolidation", body)
