@@ -139,9 +139,10 @@ def _write_latest(root: str, tag: str) -> None:
 
 
 def list_checkpoints(root: str) -> list[str]:
-    if not os.path.isdir(root):
+    try:
+        return sorted(name for name in os.listdir(root) if TAG_RE.match(name))
+    except OSError:  # none yet (or rank 0 is deleting it under run.overwrite)
         return []
-    return sorted(name for name in os.listdir(root) if TAG_RE.match(name))
 
 
 def _prune(root: str, keep_last: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
-from mgpt4_dist.checkpoint import ResumePoint, saved_world_size
+from mgpt4_dist.checkpoint import ResumePoint, checkpoints_dir, list_checkpoints, saved_world_size
 from mgpt4_dist.config import ConfigError, JobConfig, config_from_dict, to_dict
 from mgpt4_dist.errors import UserError
 
@@ -43,13 +43,6 @@ class RunDirError(UserError):
     """A run dir or resume that would silently mix two runs."""
 
 
-def _checkpoint_tags(run_dir: str) -> List[str]:
-    try:
-        return sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_"))
-    except OSError:  # none (or rank 0 is deleting it under run.overwrite)
-        return []
-
-
 def _metric_steps(run_dir: str) -> List[int]:
     steps = []
     try:
@@ -66,7 +59,7 @@ def _metric_steps(run_dir: str) -> List[int]:
 
 def previous_run(run_dir: str) -> Optional[str]:
     """What an earlier run left in `run_dir` (checkpoints, logged steps), or None."""
-    tags, steps = _checkpoint_tags(run_dir), _metric_steps(run_dir)
+    tags, steps = list_checkpoints(checkpoints_dir(run_dir)), _metric_steps(run_dir)
     found = []
     if tags:
         found.append(f"checkpoints {', '.join(tags[-3:])}")
@@ -98,7 +91,7 @@ def check_run_dir(cfg: JobConfig, resuming: bool, rank: int) -> None:
     found = previous_run(cfg.run_dir)
     if found is None:
         return
-    if not _checkpoint_tags(cfg.run_dir) and cfg.checkpoint.resume == "auto" and _same_run(cfg):
+    if not list_checkpoints(checkpoints_dir(cfg.run_dir)) and cfg.checkpoint.resume == "auto" and _same_run(cfg):
         # An earlier attempt of this very run (same config) stopped before its first checkpoint, e.g. a
         # rank crashed and the job restarted itself: start it again; its metrics are dropped on open.
         log.info("run_dir=%s: an earlier attempt of this run stopped before its first checkpoint (%s): "
