@@ -6,24 +6,31 @@ setup(
     version="0.1.0",
     description="Scale-out training for MiniGPT-4 style vision-language models (DeepSpeed / FSDP2, Slurm)",
     packages=find_packages(include=["mgpt4_dist", "mgpt4_dist.*"]),
-    package_data={"mgpt4_dist": ["configs/*.yaml"]},
+    # The run configs and the DeepSpeed templates (zero{0,1,2,3}.json) are read at run time; the
+    # top-level ds_configs/ of a checkout links to the copies here.
+    package_data={"mgpt4_dist": ["configs/*.yaml", "ds_configs/*.json"]},
     python_requires=">=3.9",
+    # Floors, not pins (cluster users bring the CUDA build they need): the versions the test suite
+    # runs on. Every third-party import of the package is here (tests/e2e/test_packaging.py checks).
     install_requires=[
-        # A range, not a pin: cluster users bring the CUDA build they need.
-        "torch>=2.4",
-        "deepspeed>=0.14",
-        "transformers>=4.40",
-        "webdataset>=0.2.86",
-        "timm>=0.9",
-        "pyyaml",
-        "tensorboard",
-        "sentencepiece",
-        "safetensors",
-        "pillow",
+        "torch>=2.14.1",
+        "torchvision>=0.29.1",
+        "deepspeed>=0.19.8",
+        "transformers>=5.24.0",  # TokenizersBackend, transformers.initialization, `dtype=` loading
+        "timm>=1.0.31",
+        "numpy>=2.4.6",
+        "pyyaml>=6.0.4",
+        "tensorboard>=2.21.0",  # torch.utils.tensorboard's writer
+        "sentencepiece>=0.2.3",
+        "safetensors>=0.8.0",
+        "pillow>=13.0.0",
+        "braceexpand>=0.1.7",
+        "tqdm>=4.70.1",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # setuptools: the packaging test builds a wheel without build isolation (no network).
+        "dev": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "setuptools>=61"],
     },
     entry_points={
         "console_scripts": [

@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 # Bump when a writer's output changes, so cached bundles from older code get rebuilt.
 ASSETS_FORMAT_VERSION = 1
 
-# MiniGPT-4 pads with this literal string; in the real LLaMA vocab it is an ordinary piece.
-PAD_PIECE = "$$"
+from mgpt4_dist.config import PAD_TOKEN as PAD_PIECE  # noqa: E402  (the one home of the "$$" pad piece)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 COMPLETE_MARKER = ".complete"

@@ -19,15 +19,15 @@ from typing import List
 
 import torch
 
-from mgpt4_dist.config import ConfigError, JobConfig, ModelConfig, shard_sources
+from mgpt4_dist.checkpoint.state import proj_state_for
+from mgpt4_dist.config import ConfigError, JobConfig, ModelConfig, precision_dtype, shard_sources
 from mgpt4_dist.data.pipeline import Source, resolve_sources
 from mgpt4_dist.data.shards import (BadSampleError, FEATURES_FIELD, IMAGE_FIELDS, decode_sample, encode_features,
                                     read_shard_samples)
 from mgpt4_dist.data.transforms import build_image_transform
 from mgpt4_dist.errors import InvalidInputError
-from mgpt4_dist.models.loading import require_frozen_weights
+from mgpt4_dist.models.weights import require_frozen_weights
 from mgpt4_dist.models.minigpt4 import build_vision_towers, compute_vision_features, vision_feature_shape_of, vit_dtype
-from mgpt4_dist.parallel.engine import PRECISION_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,15 @@ def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dty
     if len(set(names)) != len(names):
         raise InvalidInputError("data.shards: shards from different folders share file names; cache each source "
                                 "separately (one mgpt4-cache-features run and --out per source)")
-    vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed)
+    vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed, proj_source=proj_state_for(cfg.model))
     # In the dtypes training runs them in: the ViT in model.vit_precision, the rest in train.precision.
-    train_dtype = PRECISION_DTYPES[cfg.train.precision]
+    train_dtype = precision_dtype(cfg.train.precision)
     vit.to(device=device, dtype=vit_dtype(cfg.model, train_dtype)).eval()
     for module in (qformer, ln_vision):
         if module is not None:
             module.to(device=device, dtype=train_dtype).eval()
     transform = build_image_transform(cfg.model.vit.img_size)
-    out_dtype = PRECISION_DTYPES[store_dtype]
+    out_dtype = precision_dtype(store_dtype)
     os.makedirs(out_dir, exist_ok=True)
     written, samples, skipped = [], 0, 0
     bar = tqdm(total=len(shards), desc="caching features", unit="shard", disable=not progress, file=sys.stderr)

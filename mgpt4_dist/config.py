@@ -156,6 +156,11 @@ class ParallelConfig:
     # parameter partitioned as it is created and weight files loaded into the partitions, so no
     # rank ever holds the whole model. False: every rank builds it whole, ZeRO-3 partitions it after.
     zero_init: bool = True
+    # backend=deepspeed: a DeepSpeed JSON of your own (bucket sizes, prefetching, ...) merged over the
+    # shipped zero{stage}.json template; the values this config owns (batch sizes, accumulation,
+    # precision, ZeRO stage, offload, gradient clipping, optimizer, schedule) are set from it, and a
+    # JSON that states one of them otherwise is refused. The merged JSON is RUN_DIR/ds_config.json.
+    deepspeed_config: str = ""
     # Collective timeout: a dead or hung rank ends the job after this, not after days.
     timeout_minutes: float = 10.0
 
@@ -199,14 +204,34 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+# MiniGPT-4 pads with this literal string (the tokenizer's pad token); in the real LLaMA vocab it is
+# an ordinary piece, and the tiny tokenizer is trained to have it.
+PAD_TOKEN = "$$"
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's spellings
+
 # Values allowed for enumerated string keys; checked after every load.
 CHOICES = {
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": PRECISIONS,
     "parallel.backend": ("deepspeed", "fsdp"),
     "parallel.offload": ("none", "optimizer", "optimizer+params"),
     "model.attn_impl": ("auto", "flash", "sdpa", "eager"),
-    "model.vit_precision": ("train", "fp32", "fp16", "bf16"),
+    "model.vit_precision": ("train",) + PRECISIONS,
 }
+
+
+# The one table from precision names (train.precision, model.vit_precision, cache and inference
+# dtypes) to torch dtypes; the long names are torch's own spellings.
+def precision_dtype(name: str):
+    """The torch dtype of a precision name (fp32 | bf16 | fp16, or float32 | bfloat16 | float16)."""
+    import torch
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    short = PRECISION_ALIASES.get(name, name)
+    if short not in dtypes:
+        raise ConfigError(f"precision {name!r}: use one of {', '.join(PRECISIONS + tuple(PRECISION_ALIASES))}")
+    return dtypes[short]
 
 
 # --------------------------------------------------------------------------- building from dicts
@@ -411,6 +436,10 @@ def validate(cfg: JobConfig) -> None:
     if cfg.run.overwrite and cfg.checkpoint.resume != "never":
         raise ConfigError(f"run.overwrite=true clears the run dir, which checkpoint.resume={cfg.checkpoint.resume} "
                           f"would continue from: add checkpoint.resume=never to start over")
+    if cfg.parallel.deepspeed_config and cfg.parallel.backend != "deepspeed":
+        raise ConfigError(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config} is a DeepSpeed JSON, but "
+                          f"parallel.backend={cfg.parallel.backend}: use parallel.backend=deepspeed, or drop "
+                          f"parallel.deepspeed_config (FSDP takes its settings from the run config only)")
     own_vit_dtype = cfg.model.vit_precision not in ("train", cfg.train.precision)
     if own_vit_dtype and cfg.parallel.backend == "fsdp":
         raise ConfigError(

@@ -11,12 +11,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from mgpt4_dist import testing_hooks
 
 
 @dataclass(frozen=True)
@@ -138,10 +139,6 @@ def init_distributed(timeout_minutes: float = 10.0) -> tuple[WorldInfo, torch.de
     return info, device
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -196,21 +193,6 @@ def is_collective_failure(error: BaseException) -> bool:
 # collective). When a collective fails, a surviving rank reads them to name the rank that fell behind:
 # a timeout by itself only says that *some* peer did not answer.
 _HEARTBEAT_KEY = "mgpt4/heartbeat/"
-_TEST_HANG_ENV = "MGPT4_TEST_HANG"
-
-
-def _test_hang_point() -> tuple[int, int] | None:
-    """MGPT4_TEST_HANG=RANK:STEP makes that rank stop answering as it starts that step (tests only)."""
-    value = os.environ.get(_TEST_HANG_ENV)
-    if not value:
-        return None
-    try:
-        rank, step = (int(x) for x in value.split(":"))
-    except ValueError:
-        raise ValueError(f"{_TEST_HANG_ENV}={value!r}: expected RANK:STEP, e.g. {_TEST_HANG_ENV}=1:3") from None
-    return rank, step
-
-
 def _store():
     try:
         return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
@@ -220,12 +202,7 @@ def _store():
 
 def mark_step(rank: int, step: int) -> None:
     """Called by every rank as it starts `step` (1-based): records it for `describe_collective_failure`."""
-    hang = _test_hang_point()
-    if hang == (rank, step):
-        print(f"[test] {_TEST_HANG_ENV}: rank {rank} on {node_name()} (pid {os.getpid()}) stops answering "
-              f"at step {step}", file=sys.stderr, flush=True)
-        while True:
-            time.sleep(3600)
+    testing_hooks.hang_if_asked(rank, step, node_name())
     store = _store()
     if store is None or _world_size() == 1:
         return

@@ -30,6 +30,11 @@ class InvalidInputError(UserError, ValueError):
     """A value or file content the user gave that cannot be used as it is."""
 
 
+class CheckpointMismatchError(UserError, ValueError):
+    """A weight file or training checkpoint that cannot be read as one, or does not fit the configured
+    model; the message names the file, the key and the expected and found shapes."""
+
+
 class DiskFullError(UserError, OSError):
     """No space left where the run writes; the message says where, at which step, and what survives."""
 

@@ -12,15 +12,15 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from mgpt4_dist.config import JobConfig, load_prompts
+from mgpt4_dist.checkpoint.state import proj_state_for
+from mgpt4_dist.config import JobConfig, load_prompts, precision_dtype
 from mgpt4_dist.data import BadSampleError
 from mgpt4_dist.data.transforms import build_image_transform, decode_image
 from mgpt4_dist.errors import InvalidInputError, MissingFileError
 from mgpt4_dist.models.llm import load_tokenizer
-from mgpt4_dist.models.loading import require_frozen_weights
+from mgpt4_dist.models.weights import require_frozen_weights
 from mgpt4_dist.models.minigpt4 import build_minigpt4
 from mgpt4_dist.models.sequence import SequenceBuilder
-from mgpt4_dist.parallel.engine import PRECISION_DTYPES
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -71,8 +71,9 @@ def eval_loss(cfg: JobConfig, images_BCHW: torch.Tensor, answers: Sequence[str],
         raise InvalidInputError(f"{images_BCHW.shape[0]} images but {len(answers)} answers (--images, --answers): "
                                 f"give one answer per image")
     require_frozen_weights(cfg.model)
-    dtype = PRECISION_DTYPES[cfg.train.precision]
-    model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=dtype, device_type=torch.device(device).type)
+    dtype = precision_dtype(cfg.train.precision)
+    model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=dtype, device_type=torch.device(device).type,
+                           proj_source=proj_state_for(cfg.model))
     model.to(device).eval()
     build = SequenceBuilder(load_tokenizer(cfg.model.llm_path), model.num_image_tokens, cfg.data.max_txt_len,
                             cfg.data.end_sym, cfg.model.max_context_len)

@@ -14,10 +14,6 @@ import sys
 import time
 from typing import Optional
 
-# metrics.jsonl fields (a contract: checks outside the package read them).
-JSONL_FIELDS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s",
-                "data_wait_s", "max_mem_bytes", "skipped")
-
 # TensorBoard tag for each metric; data/skipped is the running count of bad samples.
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "samples_per_s": "perf/samples_per_s", "tokens_per_s": "perf/tokens_per_s",

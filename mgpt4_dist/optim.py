@@ -7,13 +7,12 @@ cosine once per "epoch"; we step it per optimizer step, which follows the same c
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 from torch import nn
 
 from mgpt4_dist.config import OptimConfig
-from mgpt4_dist.models.build import full_shape
+from mgpt4_dist.parallel.base import full_shape
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

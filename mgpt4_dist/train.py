@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import resource
@@ -24,9 +23,11 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from mgpt4_dist import dist, envreport, run_dir
-from mgpt4_dist.checkpoint import (CheckpointMismatch, find_resume_point, load_checkpoint, save_checkpoint,
-                                   set_rng_state, step_tag)
+from mgpt4_dist import dist, envreport
+from mgpt4_dist.checkpoint import run_dir
+from mgpt4_dist.checkpoint.layout import find_resume_point, step_tag
+from mgpt4_dist.checkpoint.manager import load_checkpoint, save_checkpoint
+from mgpt4_dist.checkpoint.state import proj_state_for, set_rng_state
 from mgpt4_dist.cache_features import check_sources_kind
 from mgpt4_dist.cli import ArgumentParser, examples, report_user_error
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
@@ -36,12 +37,9 @@ from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.metrics import MetricsLogger
 from mgpt4_dist.profiling import StepProfiler
 from mgpt4_dist.models.llm import load_tokenizer
-from mgpt4_dist.models.loading import require_frozen_weights
-from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
 from mgpt4_dist.models.sequence import SequenceBuilder
-from mgpt4_dist.parallel import build_engine
-from mgpt4_dist.parallel.engine import PRECISION_DTYPES
-from mgpt4_dist.parallel.zero_init import model_build_for, report_build_memory
+from mgpt4_dist.models.weights import require_frozen_weights
+from mgpt4_dist.parallel import build_engine, build_model
 
 log = logging.getLogger("mgpt4_dist.train")
 
@@ -138,7 +136,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
     point = find_resume_point(cfg)
     # Before anything is written: no second run over an earlier one, no silent change on resume.
     if run_dir.prepare(cfg, point, rank, world, accum) == "finished":
-        return {"step": run_dir.checkpoint_step(point.tag), "loss": None, "checkpoint": point.path,
+        return {"step": point.step, "loss": None, "checkpoint": point.path,
                 "run_dir": cfg.run_dir, "preempted": False}
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -147,16 +145,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
              world, info.launcher, device, cfg.train.micro_batch_size, accum, world,
              cfg.train.micro_batch_size * accum * world)
 
-    # At ZeRO-3 with parallel.zero_init the parameters are partitioned as they are created (and
-    # already on their device); otherwise every rank builds the whole model.
-    build = model_build_for(cfg, world, accum)
-    model = build_minigpt4(cfg.model, seed=cfg.train.seed, dtype=PRECISION_DTYPES[cfg.train.precision],
-                           device_type=device.type, build=build)
-    report_build_memory(model, build)
-    counts = audit_trainable(model)
-    log.info("parameters: %d trainable (llama_proj), %d frozen%s", counts["trainable_params"], counts["frozen_params"],
-             " (built partitioned under deepspeed.zero.Init)" if build.sharded else "")
-    build.place(model, device)
+    model = build_model(cfg, world, accum, device, proj_state_for(cfg.model))
     flops_model = FlopsModel.from_model(model)
     tokenizer = load_tokenizer(cfg.model.llm_path)
     build_text = SequenceBuilder(tokenizer, model.num_image_tokens, cfg.data.max_txt_len, cfg.data.end_sym,

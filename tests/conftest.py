@@ -1,16 +1,12 @@
-"""Shared fixtures: tiny assets built once per session, and a runner for real training processes."""
-import json
+"""Shared fixtures: tiny assets built once per session, and a runner for real training processes.
+Plain helpers (paths, free_port, read_metrics) are in tests/helpers.py; no test imports this file."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_STAGE1 = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")
-TINY_STAGE2 = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage2.yaml")
-BIN = os.path.dirname(sys.executable)
+from helpers import BIN, REPO, free_port
 
 
 @pytest.fixture(scope="session")
@@ -20,17 +16,6 @@ def tiny_assets(tmp_path_factory):
 
     paths = build_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")), num_samples=128, samples_per_shard=32)
     return {**paths, "overrides": tiny_overrides(paths)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_metrics(run_dir: str) -> list:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": int(hwm
 TOOLS = {
     "import torch only (floor)": "import torch",
     "mgpt4-consolidate (streaming)":
-        "from mgpt4_dist.consolidate import consolidate; consolidate(CKPT, OUT + '/ours')",
+        "from mgpt4_dist.export.consolidate import consolidate; consolidate(CKPT, OUT + '/ours')",
     "zero_to_fp32 (DeepSpeed)":
         "from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c; "
         "c(ROOT, OUT + '/ds', tag=TAG, exclude_frozen_parameters=True)",

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 @user_errors(PROG)
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from mgpt4_dist.weights import apply_delta
+    from mgpt4_dist.models.weights import apply_delta
 
     result = apply_delta(args.base, args.delta, args.out)
     print(f"wrote {result['tensors']} tensors in {result['shards']} shard(s) to {result['out']} "

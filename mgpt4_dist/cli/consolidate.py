@@ -33,13 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# FileNotFoundError: consolidate.resolve_step_dir reports a missing checkpoint path with it.
+# FileNotFoundError: checkpoint.layout.resolve_step_dir reports a missing checkpoint path with it.
 @user_errors(PROG, also=(FileNotFoundError,))
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
-    from mgpt4_dist.consolidate import consolidate
+    from mgpt4_dist.export.consolidate import consolidate
 
     result = consolidate(args.checkpoint, args.out, full=args.full, shard_bytes=int(args.shard_size_gb * 1024 ** 3))
     print(f"consolidated {result['step_dir']} -> {args.out}: " +

@@ -15,8 +15,8 @@ from typing import Optional, Union
 
 import torch
 
-from mgpt4_dist.config import JobConfig, config_from_dict
-from mgpt4_dist.errors import InvalidInputError, MissingFileError
+from mgpt4_dist.config import ConfigError, JobConfig, config_from_dict, precision_dtype
+from mgpt4_dist.errors import CheckpointMismatchError, InvalidInputError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,10 @@ def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise InvalidInputError(f"dtype {dtype!r}: use one of {', '.join(names)}")
-    return names[dtype]
+    try:
+        return precision_dtype(dtype)
+    except ConfigError as e:
+        raise InvalidInputError(f"dtype {dtype!r}: {str(e).split(': ', 1)[1]}") from None
 
 
 def check_quantization(quantization: Optional[str], device: torch.device) -> None:
@@ -122,7 +121,7 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Union
     llm_path / vit_checkpoint / qformer_checkpoint override the frozen weight paths of the config.
     """
     from mgpt4_dist.models.llm import load_tokenizer
-    from mgpt4_dist.models.loading import load_proj_checkpoint, require_frozen_weights
+    from mgpt4_dist.models.weights import load_proj_checkpoint, require_frozen_weights
     from mgpt4_dist.models.minigpt4 import MiniGPT4, build_vision_towers
 
     device = check_device(device)
@@ -178,10 +177,9 @@ def _llm_skeleton(cfg: JobConfig, dtype: torch.dtype):
 
 
 def _load_full_weights(model: torch.nn.Module, path: str) -> None:
-    """Every tensor from the sharded safetensors of a `--full` folder, strictly by name."""
+    """Every tensor the model has, by name, from the sharded safetensors of a `--full` folder: a
+    missing one is refused; tensors the model does not have (e.g. rotary buffers) are ignored."""
     from safetensors import safe_open
-
-    from mgpt4_dist.models.loading import CheckpointMismatchError
 
     with open(os.path.join(path, "model.safetensors.index.json")) as f:
         weight_map = json.load(f)["weight_map"]

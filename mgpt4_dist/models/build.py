@@ -3,7 +3,8 @@
 `LocalBuild` (the default) builds every tensor whole on this rank. A sharded build (DeepSpeed
 ZeRO-3 `zero.Init`, supplied by `mgpt4_dist.parallel.zero_init`) partitions each parameter as it
 is created, so a rank only ever holds its slice plus the one module being filled; `models/`
-talks to it only through this interface and never imports an engine.
+talks to it only through this interface (whole shapes included: `full_shape`) and never imports
+an engine or knows how one partitions.
 """
 from __future__ import annotations
 
@@ -25,17 +26,6 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
-def full_shape(param: torch.Tensor) -> tuple:
-    """A parameter's whole shape, also when ZeRO-3 has partitioned it: its own tensor is then an
-    empty placeholder and DeepSpeed records the real shape as `ds_shape`."""
-    return tuple(getattr(param, "ds_shape", param.shape))
-
-
-def full_numel(param: torch.Tensor) -> int:
-    """A parameter's whole element count (`ds_numel` when ZeRO-3 has partitioned it)."""
-    return int(getattr(param, "ds_numel", param.numel()))
-
-
 class LocalBuild:
     """Every parameter whole on every rank; writes are local."""
 
@@ -44,6 +34,13 @@ class LocalBuild:
     def construct(self, dtype: torch.dtype) -> contextlib.AbstractContextManager:
         """Context for constructing modules whose parameters should live in `dtype`."""
         return default_dtype(dtype)
+
+    def full_shape(self, tensor: torch.Tensor) -> tuple:
+        """A parameter's whole shape (a sharded build's own tensor may be an empty placeholder)."""
+        return tuple(tensor.shape)
+
+    def full_numel(self, tensor: torch.Tensor) -> int:
+        return int(tensor.numel())
 
     @contextlib.contextmanager
     def gathered(self, params: Iterable[nn.Parameter]) -> Iterator[bool]:

@@ -11,12 +11,10 @@ import tempfile
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from mgpt4_dist.errors import InvalidInputError, MissingFileError
+from mgpt4_dist.config import PAD_TOKEN
+from mgpt4_dist.errors import CheckpointMismatchError, InvalidInputError, MissingFileError
 
 log = logging.getLogger(__name__)
-
-# MiniGPT-4 pads with this literal string (a real piece of the LLaMA vocabulary).
-PAD_TOKEN = "$$"
 
 
 def flash_attn_available() -> bool:
@@ -87,7 +85,7 @@ def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa", build=N
                          "(mgpt4-make-tiny-assets writes a tiny one)")
     if not os.path.isfile(os.path.join(llm_path, "config.json")):
         raise MissingFileError(f"model.llm_path={llm_path}: no config.json there; expected a Hugging Face LLaMA folder")
-    from mgpt4_dist.models.loading import log_weight_files
+    from mgpt4_dist.models.weights import log_weight_files
 
     log_weight_files("LLM (model.llm_path)", llm_path)
     if build is not None and build.sharded:
@@ -98,7 +96,6 @@ def load_llm(llm_path: str, dtype: torch.dtype, attn_impl: str = "sdpa", build=N
                                                  output_loading_info=True)
     missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
     if missing or mismatched:
-        from mgpt4_dist.models.loading import CheckpointMismatchError
 
         raise CheckpointMismatchError(
             f"{llm_path}: the LLM weights do not fit its config.json: "
@@ -162,8 +159,7 @@ def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, bu
     from transformers import LlamaConfig
     from transformers.initialization import no_init_weights
 
-    from mgpt4_dist.models.build import copy_state_into, full_shape
-    from mgpt4_dist.models.loading import CheckpointMismatchError
+    from mgpt4_dist.models.build import copy_state_into
 
     config = LlamaConfig.from_pretrained(llm_path)
     config._attn_implementation = attn_impl
@@ -172,7 +168,7 @@ def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, bu
         llm = LlamaForCausalLM(config)
     build.built(llm)
     files = _WeightFiles(llm_path)
-    expected = {k: full_shape(v) for k, v in llm.state_dict(keep_vars=True).items()}
+    expected = {k: build.full_shape(v) for k, v in llm.state_dict(keep_vars=True).items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)  # the same tensor as the input embedding
     missing = sorted(k for k in expected if k not in files.shapes)
@@ -190,22 +186,3 @@ def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, bu
     build.built(llm)
     log.info("loaded LLM %s (%s, attention=%s) into partitioned parameters", llm_path, dtype, attn_impl)
     return llm
-
-
-def apply_activation_checkpointing(llm) -> int:
-    """Recompute each decoder layer in backward instead of keeping its activations.
-
-    Wraps each layer's forward (non-reentrant `torch.utils.checkpoint`) rather than the module, so
-    parameter names stay as in the weight files. HF's own `gradient_checkpointing_enable` is not
-    used: it only acts in train mode, and the frozen LLM stays in eval mode.
-    """
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    layers = llm.model.layers
-    for layer in layers:
-        inner = layer.forward
-        layer.forward = functools.partial(checkpoint, inner, use_reentrant=False)
-    log.info("activation checkpointing: %d LLM decoder layers", len(layers))
-    return len(layers)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mgpt4_dist.config import ConfigError, ModelConfig
-from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_numel, full_shape
+from mgpt4_dist.config import ConfigError, ModelConfig, precision_dtype
+from mgpt4_dist.models.build import LocalBuild, copy_state_into
 from mgpt4_dist.models.llm import choose_attn_impl, load_llm
 from mgpt4_dist.models.qformer import QFormer
 from mgpt4_dist.models.sequence import IGNORE_INDEX, TextBatch
@@ -137,9 +137,6 @@ def compute_vision_features(visual_encoder: EvaViT, qformer: Optional[QFormer], 
         return patches_BND.reshape(B, N // PATCHES_PER_TOKEN, D * PATCHES_PER_TOKEN)
 
 
-VIT_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def vision_feature_shape_of(cfg: ModelConfig) -> tuple[int, int]:
     """(image tokens, feature width) the towers of `cfg` produce, from the config alone (what a
     cached-feature shard must hold; see `vision_feature_shape` for built towers)."""
@@ -151,16 +148,17 @@ def vision_feature_shape_of(cfg: ModelConfig) -> tuple[int, int]:
 
 def vit_dtype(cfg: ModelConfig, train_dtype: torch.dtype) -> torch.dtype:
     """The frozen ViT's dtype: model.vit_precision, or the training precision for `train`."""
-    return train_dtype if cfg.vit_precision == "train" else VIT_PRECISION_DTYPES[cfg.vit_precision]
+    return train_dtype if cfg.vit_precision == "train" else precision_dtype(cfg.vit_precision)
 
 
 def build_vision_towers(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32,
-                        build: Optional[LocalBuild] = None) -> tuple[EvaViT, Optional[QFormer], Optional[nn.LayerNorm]]:
+                        build: Optional[LocalBuild] = None, proj_source: Optional[dict] = None,
+                        ) -> tuple[EvaViT, Optional[QFormer], Optional[nn.LayerNorm]]:
     """ViT + (Q-Former | ln_vision of the Llama-2 variant), weights loaded, seeded part by part.
 
     The ViT is built in `vit_dtype(cfg, dtype)`, the rest in `dtype`. A plain build creates fp32
     and casts after loading, so random parts draw the same numbers whatever the dtype."""
-    from mgpt4_dist.models import loading
+    from mgpt4_dist.models import weights as weight_files
 
     build = build or LocalBuild()
     plain = not build.sharded
@@ -175,14 +173,14 @@ def build_vision_towers(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = tor
         if module is not None:
             build.built(module)
     if cfg.vit_checkpoint:
-        loading.load_vit_checkpoint(vit, cfg.vit_checkpoint, build)
+        weight_files.load_vit_checkpoint(vit, cfg.vit_checkpoint, build)
     if cfg.qformer_checkpoint:
         if qformer is None:
             raise ConfigError("model.qformer_checkpoint is set but model.has_qformer=false (the Llama-2 variant has no "
                               "Q-Former): set model.qformer_checkpoint= (empty)")
-        loading.load_qformer_checkpoint(qformer, cfg.qformer_checkpoint, build)
+        weight_files.load_qformer_checkpoint(qformer, cfg.qformer_checkpoint, build)
     if ln_vision is not None and cfg.proj_checkpoint:
-        loading.load_ln_vision_from_proj_checkpoint(ln_vision, cfg.proj_checkpoint, build)
+        weight_files.load_ln_vision_from_proj_checkpoint(ln_vision, cfg.proj_checkpoint, build, proj_source)
     for module in (vit, qformer, ln_vision):
         if module is not None:  # frozen towers never train: no dropout
             module.eval().requires_grad_(False)
@@ -192,22 +190,26 @@ def build_vision_towers(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = tor
 # --------------------------------------------------------------------------- building and freezing
 
 def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32,
-                   device_type: str = "cpu", build: Optional[LocalBuild] = None) -> MiniGPT4:
+                   device_type: str = "cpu", build: Optional[LocalBuild] = None,
+                   proj_source: Optional[dict] = None) -> MiniGPT4:
     """Build the model, load every configured weight file, and freeze all but llama_proj.
 
     Random parts are seeded from `seed` part by part, so every rank, backend and world size
     starts from identical weights. `build` decides how parameters are created (whole, or
-    partitioned as they are created: see `mgpt4_dist.models.build`).
+    partitioned as they are created: see `mgpt4_dist.models.build`). `proj_source`: the tensors of
+    `model.proj_checkpoint` already read (`mgpt4_dist.checkpoint.state.proj_state_for` reads a
+    training run or step folder too); without it the path must be a weight file or an
+    mgpt4-consolidate folder.
     """
-    from mgpt4_dist.models import loading
+    from mgpt4_dist.models import weights as weight_files
 
     build = build or LocalBuild()
-    vit, qformer, ln_vision = build_vision_towers(cfg, seed=seed, dtype=dtype, build=build)
+    vit, qformer, ln_vision = build_vision_towers(cfg, seed=seed, dtype=dtype, build=build, proj_source=proj_source)
     llm = load_llm(cfg.llm_path, dtype=dtype, attn_impl=choose_attn_impl(cfg.attn_impl, device_type), build=build)
     with build.construct(torch.float32 if not build.sharded else dtype):
         model = MiniGPT4(vit, qformer, llm, ln_vision=ln_vision)
     if cfg.proj_checkpoint:
-        loading.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint, build)
+        weight_files.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint, build, proj_source)
     else:
         log.info("weights: llama_proj randomly initialised (no model.proj_checkpoint)")
         init_llama_proj(model.llama_proj, seed + 2, build)
@@ -238,7 +240,7 @@ def init_llama_proj(proj: nn.Linear, seed: int, build: LocalBuild) -> None:
     """nn.Linear's default init drawn in fp32 from `seed`, then written in the parameter's dtype:
     the same numbers whether the layer was created whole or partitioned, in fp32 or not."""
     generator = torch.Generator().manual_seed(seed)
-    out_features, in_features = full_shape(proj.weight)
+    out_features, in_features = build.full_shape(proj.weight)
     weight = torch.empty(out_features, in_features)
     nn.init.kaiming_uniform_(weight, a=5 ** 0.5, generator=generator)
     bound = 1 / in_features ** 0.5
@@ -253,12 +255,13 @@ def apply_freezing(model: MiniGPT4) -> None:
     model.train()
 
 
-def audit_trainable(model: nn.Module) -> dict:
+def audit_trainable(model: nn.Module, build: Optional[LocalBuild] = None) -> dict:
     """Count trainable/frozen parameters and fail if anything but llama_proj would train."""
+    build = build or LocalBuild()
     trainable, frozen, wrong = 0, 0, []
     for name, param in model.named_parameters():
         clean = name.removeprefix("module.")
-        numel = full_numel(param)  # a ZeRO-3 partitioned parameter holds an empty placeholder
+        numel = build.full_numel(param)  # a partitioned parameter holds an empty placeholder
         if param.requires_grad:
             trainable += numel
             if not clean.startswith(TRAINABLE_PREFIXES):
@@ -278,18 +281,3 @@ def transformer_blocks(model: MiniGPT4) -> list[nn.Module]:
     if model.qformer is not None:
         blocks += list(model.qformer.bert.encoder.layer)
     return blocks + list(model.llm.model.layers)
-
-
-def apply_compile(model: MiniGPT4) -> int:
-    """torch.compile every transformer block in place (`nn.Module.compile`).
-
-    Per block rather than the whole model: identical blocks share one compiled graph, parameter
-    names and module identities stay as they are (sharding and checkpoints see the same model),
-    and the data-dependent parts (image-slot scatter, scored-position gather) stay eager.
-    """
-    blocks = transformer_blocks(model)
-    for block in blocks:
-        block.compile()
-    log.info("torch.compile: %d transformer blocks", len(blocks))
-    return len(blocks)
-

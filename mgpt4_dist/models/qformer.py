@@ -1,7 +1,7 @@
 """The frozen BLIP-2 Q-Former with its learned query tokens and the ln_vision norm before it.
 
 Built on transformers' `Blip2QFormerModel`, whose only difference from the original BERT-based
-Q-Former is naming (see `mgpt4_dist.models.loading`).
+Q-Former is naming (see `mgpt4_dist.models.weights`).
 """
 from __future__ import annotations
 

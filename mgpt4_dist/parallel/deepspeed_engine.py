@@ -1,4 +1,6 @@
-"""DeepSpeed backend: ZeRO stage 0-3 around MiniGPT4, config derived from the run config."""
+"""DeepSpeed backend: ZeRO stage 0-3 around MiniGPT4, and its DeepSpeed JSON: the shipped template of
+the stage (package data `mgpt4_dist/ds_configs/zero{N}.json`), the user's `parallel.deepspeed_config`
+merged over it, and every value the run config owns set last (`derive_ds_config`)."""
 from __future__ import annotations
 
 import copy
@@ -10,39 +12,125 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mgpt4_dist.config import JobConfig
+from mgpt4_dist.config import ConfigError, JobConfig, precision_dtype
 from mgpt4_dist.errors import MissingFileError
 from mgpt4_dist.optim import build_optimizer, build_scheduler
-from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
-from mgpt4_dist.trainable_state import MOMENTS, FullState
+from mgpt4_dist.parallel.base import Engine
+from mgpt4_dist.checkpoint.state import MOMENTS, FullState
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_DIR = os.environ.get(
-    "MGPT4_DS_CONFIGS", os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs"))
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
 
 def load_template(stage: int) -> dict:
+    """The shipped DeepSpeed template of a ZeRO stage (package data `mgpt4_dist/ds_configs/zero{N}.json`)."""
     path = os.path.join(TEMPLATE_DIR, f"zero{stage}.json")
-    if os.path.isfile(path):
+    if not os.path.isfile(path):  # an install without its package data: refuse, never guess a config
+        raise MissingFileError(f"{path}: the DeepSpeed template of ZeRO-{stage} is missing from this mgpt4_dist "
+                               f"install; reinstall the package")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_user_ds_config(path: str) -> dict:
+    """parallel.deepspeed_config: the user's DeepSpeed JSON."""
+    try:
         with open(path) as f:
-            return json.load(f)
-    log.warning("no DeepSpeed template at %s; starting from a bare ZeRO-%d config", path, stage)
-    return {"zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9}
+            user = json.load(f)
+    except FileNotFoundError:
+        raise MissingFileError(f"parallel.deepspeed_config={path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"parallel.deepspeed_config={path}: not a readable JSON file ({e})") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"parallel.deepspeed_config={path}: a JSON object is expected, not {type(user).__name__}")
+    return user
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base`, section by section."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def _owned_values(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> list:
+    """(JSON path, value, the config key that sets it) of every DeepSpeed setting the run config owns."""
+    micro = cfg.train.micro_batch_size
+    accum_key = "train.global_batch_size" if cfg.train.global_batch_size else "train.grad_accum_steps"
+    offload_opt = cfg.parallel.offload in ("optimizer", "optimizer+params")
+    offload_params = cfg.parallel.offload == "optimizer+params"
+    return [
+        (("train_micro_batch_size_per_gpu",), micro, "train.micro_batch_size"),
+        (("gradient_accumulation_steps",), grad_accum_steps, accum_key),
+        (("train_batch_size",), micro * grad_accum_steps * world_size,
+         "train.micro_batch_size x accumulation x world size"),
+        (("gradient_clipping",), cfg.optim.grad_clip, "optim.grad_clip"),
+        (("bf16", "enabled"), cfg.train.precision == "bf16", "train.precision"),
+        (("fp16", "enabled"), cfg.train.precision == "fp16", "train.precision"),
+        (("zero_optimization", "stage"), cfg.parallel.zero_stage, "parallel.zero_stage"),
+        (("zero_optimization", "offload_optimizer", "device"), "cpu" if offload_opt else "none", "parallel.offload"),
+        (("zero_optimization", "offload_param", "device"), "cpu" if offload_params else "none", "parallel.offload"),
+    ]
+
+
+# Sections the run config owns whole: the engine hands DeepSpeed its own optimizer and schedule.
+OWNED_SECTIONS = {"optimizer": "optim.*", "scheduler": "optim.* (the warmup + cosine schedule)"}
+
+
+_ABSENT = object()
+
+
+def _lookup(tree: dict, path: tuple):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return _ABSENT
+        tree = tree[key]
+    return tree
+
+
+def check_user_ds_config(user: dict, cfg: JobConfig, world_size: int, grad_accum_steps: int) -> None:
+    """Refuse a user DeepSpeed JSON that states a value the run config owns otherwise, naming both."""
+    source = f"parallel.deepspeed_config={cfg.parallel.deepspeed_config}"
+    for section, owner in OWNED_SECTIONS.items():
+        if section in user:
+            raise ConfigError(f"{source} has an {section!r} section, but the run config owns it ({owner}): "
+                              f"remove the section from the JSON")
+    for path, want, owner in _owned_values(cfg, world_size, grad_accum_steps):
+        got = _lookup(user, path)
+        if got is _ABSENT or got == want or (got == "auto" and path[-1] != "device"):
+            continue
+        shown = ".".join(path)
+        config_value = f"{owner}={_config_value(cfg, owner)}" if "=" not in owner and " " not in owner else owner
+        raise ConfigError(f"{source} sets {shown}={json.dumps(got)}, but the run config gives {json.dumps(want)} "
+                          f"({config_value}): remove {shown} from the JSON or change the config")
+
+
+def _config_value(cfg: JobConfig, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def derive_ds_config(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> dict:
-    """The DeepSpeed JSON of a run: the stage template plus every value the run config states."""
-    ds = copy.deepcopy(load_template(cfg.parallel.zero_stage))
+    """The DeepSpeed JSON of a run: the stage template, the user's JSON (parallel.deepspeed_config)
+    merged over it, then every value the run config states."""
+    ds = load_template(cfg.parallel.zero_stage)
+    if cfg.parallel.deepspeed_config:
+        user = read_user_ds_config(cfg.parallel.deepspeed_config)
+        check_user_ds_config(user, cfg, world_size, grad_accum_steps)
+        ds = _merge(ds, user)
     micro = cfg.train.micro_batch_size
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = grad_accum_steps
     ds["train_batch_size"] = micro * grad_accum_steps * world_size
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
-    ds["fp16"] = {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
+    # fp16's loss-scale settings may come from the user's JSON; these are the defaults.
+    fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+            "min_loss_scale": 1, **ds.get("fp16", {})}
+    ds["fp16"] = {**fp16, "enabled": cfg.train.precision == "fp16"}
     zero = ds.setdefault("zero_optimization", {})
     zero["stage"] = cfg.parallel.zero_stage
     if cfg.parallel.zero_stage == 3:
@@ -51,10 +139,12 @@ def derive_ds_config(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> 
         # tests) would run through it. ZeRO-3's module hooks already re-gather the frozen weights
         # for the backward pass, which is all this run needs.
         zero.setdefault("memory_efficient_linear", False)
-    if cfg.parallel.offload in ("optimizer", "optimizer+params"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if cfg.parallel.offload == "optimizer+params":
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    for key, on in (("offload_optimizer", cfg.parallel.offload in ("optimizer", "optimizer+params")),
+                    ("offload_param", cfg.parallel.offload == "optimizer+params")):
+        if on:
+            zero[key] = {"pin_memory": torch.cuda.is_available(), **zero.get(key, {}), "device": "cpu"}
+        else:
+            zero.pop(key, None)
     return ds
 
 
@@ -95,7 +185,7 @@ class DeepSpeedEngine(Engine):
         and its own ViT dtype is refused by the config check: its parameters are partitioned by then.)"""
         from mgpt4_dist.models.minigpt4 import vit_dtype
 
-        want = vit_dtype(cfg.model, PRECISION_DTYPES[cfg.train.precision])
+        want = vit_dtype(cfg.model, precision_dtype(cfg.train.precision))
         for p, data in vit_tensors:
             if p.dtype != want and data.dtype == want:
                 p.data = data.to(p.device)

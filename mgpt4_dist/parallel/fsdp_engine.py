@@ -26,12 +26,12 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from mgpt4_dist.config import JobConfig
+from mgpt4_dist.config import JobConfig, precision_dtype
 from mgpt4_dist.errors import MissingFileError
 from mgpt4_dist.models.minigpt4 import transformer_blocks
 from mgpt4_dist.optim import build_optimizer, build_scheduler
-from mgpt4_dist.parallel.engine import PRECISION_DTYPES, Engine
-from mgpt4_dist.trainable_state import MOMENTS, FullState
+from mgpt4_dist.parallel.base import Engine
+from mgpt4_dist.checkpoint.state import MOMENTS, FullState
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ log = logging.getLogger(__name__)
 class DynamicLossScaler:
     """fp16 loss scale: halve on overflow (the step is skipped), double after `window` good steps.
 
-    The constants are DeepSpeed's (initial 2**16, window 1000, min 1), so both engines scale alike.
+    Initial scale, window and floor are DeepSpeed's (2**16, 1000, 1). DeepSpeed's config also sets
+    `hysteresis: 2` (it halves only at the second overflow in a row); this one halves at every
+    overflow, so after an overflow the two engines' scales can differ by one halving. Both skip
+    every overflow step and count it.
     """
 
     def __init__(self, init_scale: float = 2.0 ** 16, window: int = 1000, min_scale: float = 1.0):
@@ -66,7 +69,7 @@ def apply_fsdp(model: nn.Module, precision: str, device_type: str, world_size: i
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (world_size,))
-    compute = PRECISION_DTYPES[precision]
+    compute = precision_dtype(precision)
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     # Master weights of what trains stay fp32; the frozen rest keeps the dtype the builder gave it.
     model.llama_proj.float()

@@ -16,17 +16,15 @@ per job is the simpler and lighter choice.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from mgpt4_dist import testing_hooks
 from mgpt4_dist.config import JobConfig
-from mgpt4_dist.models.build import LocalBuild, default_dtype, full_numel
-
-REPORT_ENV = "MGPT4_ENGINE_REPORT"
+from mgpt4_dist.models.build import LocalBuild, default_dtype
+from mgpt4_dist.parallel.base import full_numel, full_shape
 
 
 def uses_zero_init(cfg: JobConfig) -> bool:
@@ -68,6 +66,12 @@ class ZeroInitBuild(LocalBuild):
                                                 tensor_overrides=[DeepSpeedTensorOverride.device]))
         return stack
 
+    def full_shape(self, tensor: torch.Tensor) -> tuple:
+        return full_shape(tensor)
+
+    def full_numel(self, tensor: torch.Tensor) -> int:
+        return full_numel(tensor)
+
     @contextlib.contextmanager
     def gathered(self, params: Iterable[nn.Parameter]) -> Iterator[bool]:
         import deepspeed
@@ -103,14 +107,14 @@ def model_build_for(cfg: JobConfig, world_size: int, grad_accum_steps: int) -> L
         return LocalBuild()
     from mgpt4_dist.parallel.deepspeed_engine import derive_ds_config
 
-    return ZeroInitBuild(derive_ds_config(cfg, world_size, grad_accum_steps), track_memory=bool(os.environ.get(REPORT_ENV)))
+    return ZeroInitBuild(derive_ds_config(cfg, world_size, grad_accum_steps),
+                         track_memory=testing_hooks.engine_report_enabled())
 
 
 def report_build_memory(model: nn.Module, build: LocalBuild) -> None:
-    """Test hook: MGPT4_ENGINE_REPORT=DIR makes each rank write the most parameter bytes it held
-    during the build, and the whole model's parameter bytes."""
-    out = os.environ.get(REPORT_ENV)
-    if not out:
+    """Test hook (`mgpt4_dist.testing_hooks`, MGPT4_ENGINE_REPORT): the most parameter bytes this rank
+    held during the build, and the whole model's parameter bytes."""
+    if not testing_hooks.engine_report_enabled():
         return
     full = sum(full_numel(p) * p.element_size() for p in model.parameters())
     if isinstance(build, ZeroInitBuild):
@@ -118,6 +122,4 @@ def report_build_memory(model: nn.Module, build: LocalBuild) -> None:
     else:  # a plain build ends with every parameter whole on this rank
         peak = sum(local_param_bytes(p) for p in model.parameters())
     rank = int(torch.distributed.get_rank()) if torch.distributed.is_initialized() else 0
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"build_rank{rank}.json"), "w") as f:
-        json.dump({"build_peak_param_bytes": peak, "full_param_bytes": full}, f)
+    testing_hooks.write_engine_report("build_rank", rank, {"build_peak_param_bytes": peak, "full_param_bytes": full})

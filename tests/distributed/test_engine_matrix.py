@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_STAGE1, read_metrics
+from helpers import TINY_STAGE1, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -83,7 +83,7 @@ def test_combination_trains_from_the_cli(name, tiny_assets, run_train, tmp_path)
         assert metrics[-1]["fp16_skipped_steps"] >= 0
     # The engine-neutral trainable state holds the engine's fp32 master weights (half precisions and
     # offload keep them in other places than fp32 runs do), and the fp16 loss scale.
-    from mgpt4_dist.trainable_state import read_trainable_state
+    from mgpt4_dist.checkpoint.state import read_trainable_state
 
     saved = read_trainable_state(str(run_dir))
     reference = engine_fp32_weights(run_dir, name)

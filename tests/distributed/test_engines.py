@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_STAGE1, read_metrics
+from helpers import TINY_STAGE1, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -109,8 +109,8 @@ def test_every_engine_consolidates_exports_and_loads_as_proj_checkpoint(fp32_run
 
     from mgpt4_dist.cli import consolidate as consolidate_cli
     from mgpt4_dist.cli import export as export_cli
-    from mgpt4_dist.models.loading import load_proj_checkpoint
-    from mgpt4_dist.trainable_state import read_trainable_state
+    from mgpt4_dist.checkpoint.state import read_proj_source, read_trainable_state
+    from mgpt4_dist.models.weights import load_proj_checkpoint
 
     run, run_dir = fp32_runs[name], fp32_runs[name]["run_dir"]
     saved = read_trainable_state(run_dir)
@@ -141,7 +141,7 @@ def test_every_engine_consolidates_exports_and_loads_as_proj_checkpoint(fp32_run
         assert torch.equal(consolidated[key], value) and torch.equal(exported["model"][key], value), (name, key)
     for source in (run_dir, out):  # model.proj_checkpoint: a run folder, a consolidated folder
         proj = torch.nn.Linear(*reversed(want["llama_proj.weight"].shape))
-        load_proj_checkpoint(proj, source)
+        load_proj_checkpoint(proj, source, tensors=read_proj_source(source))
         assert torch.equal(proj.weight.data, want["llama_proj.weight"]) and torch.equal(proj.bias.data,
                                                                                       want["llama_proj.bias"])
 
@@ -165,9 +165,10 @@ def test_bf16_zero2_and_fsdp_agree(tiny_assets, run_train, tmp_path):
 
 def test_activation_checkpointing_gives_the_same_gradients(tiny_assets):
     from mgpt4_dist.config import load_config
-    from mgpt4_dist.models.llm import apply_activation_checkpointing, load_tokenizer
+    from mgpt4_dist.models.llm import load_tokenizer
     from mgpt4_dist.models.minigpt4 import build_minigpt4
     from mgpt4_dist.models.sequence import SequenceBuilder
+    from mgpt4_dist.parallel import apply_ac
 
     cfg = load_config(TINY_STAGE1, list(tiny_assets["overrides"]))
     tok = load_tokenizer(cfg.model.llm_path)
@@ -176,7 +177,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_assets):
     for checkpointed in (False, True):
         model = build_minigpt4(cfg.model, seed=0)
         if checkpointed:
-            assert apply_activation_checkpointing(model.llm) == len(model.llm.model.layers)
+            assert apply_ac(model.llm) == len(model.llm.model.layers)
         text = SequenceBuilder(tok, model.num_image_tokens, 32, "\n", 3800)(["a red cube", "two blue balls on grass"])
         model(images, text).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
@@ -212,7 +213,7 @@ def test_precision_check_gives_deepspeeds_answer_on_this_machine():
     """The check refuses exactly what DeepSpeed's accelerator refuses, whichever kind of CPU runs this."""
     from deepspeed.accelerator import get_accelerator
 
-    from mgpt4_dist.parallel.engine import precision_problem
+    from mgpt4_dist.parallel.base import precision_problem
 
     accelerator = get_accelerator()
     device = torch.device("cpu" if accelerator.device_name() == "cpu" else accelerator.device_name(0))

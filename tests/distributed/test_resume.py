@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, REPO, TINY_STAGE1, free_port, read_metrics
+from helpers import BIN, REPO, TINY_STAGE1, free_port, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -106,7 +106,7 @@ def resume_on_one_rank(tiny_assets, run_train, tmp_path_factory):
 
 
 def final_weights(run_dir):
-    from mgpt4_dist.trainable_state import read_trainable_state
+    from mgpt4_dist.checkpoint.state import read_trainable_state
 
     return read_trainable_state(run_dir).tensors("fp32")
 

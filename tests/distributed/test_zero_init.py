@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_STAGE1, read_metrics
+from helpers import TINY_STAGE1, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

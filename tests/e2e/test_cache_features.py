@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_STAGE1, read_metrics
+from helpers import TINY_STAGE1, read_metrics
 from mgpt4_dist.config import load_config
 from mgpt4_dist.data.shards import decode_feature_sample, decode_sample, read_shard_samples
 from mgpt4_dist.data.transforms import build_image_transform

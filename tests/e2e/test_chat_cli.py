@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import BIN, TINY_STAGE1
+from helpers import BIN, TINY_STAGE1
 
 pytestmark = [pytest.mark.slow]
 
@@ -21,7 +21,7 @@ def model_dir(tiny_assets, run_train, tmp_path_factory):
     run_dir = str(base / "run")
     run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=1"], launcher="none")
     out = str(base / "model")
-    from mgpt4_dist.consolidate import consolidate
+    from mgpt4_dist.export.consolidate import consolidate
 
     consolidate(run_dir, out)
     return out

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_STAGE1, free_port
+from helpers import REPO, TINY_STAGE1, free_port
 
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

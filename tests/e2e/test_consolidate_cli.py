@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, TINY_STAGE1
+from helpers import BIN, TINY_STAGE1
 
 pytestmark = [pytest.mark.slow]
 
@@ -49,11 +49,12 @@ def test_consolidated_tensors_equal_zero_to_fp32(zero_run, tmp_path):
     conf = json.load(open(os.path.join(out, "config.json")))
     assert conf["conversation"] == "vicuna0" and conf["model"]["llm_path"]
     # model.proj_checkpoint (stage 2 from stage 1) takes the run, a step folder or the consolidated one.
-    from mgpt4_dist.models.loading import load_proj_checkpoint
+    from mgpt4_dist.checkpoint.state import read_proj_source
+    from mgpt4_dist.models.weights import load_proj_checkpoint
 
     for source in (zero_run, os.path.join(zero_run, "checkpoints", "step_00000002"), out):
         proj = torch.nn.Linear(*reversed(ref["llama_proj.weight"].shape))
-        load_proj_checkpoint(proj, source)
+        load_proj_checkpoint(proj, source, tensors=read_proj_source(source))
         assert torch.equal(proj.weight.data, ref["llama_proj.weight"]) and torch.equal(proj.bias.data, ref["llama_proj.bias"])
 
 

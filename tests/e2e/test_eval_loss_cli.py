@@ -10,7 +10,7 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from conftest import TINY_STAGE1
+from helpers import TINY_STAGE1
 from mgpt4_dist.config import load_config
 from mgpt4_dist.models.minigpt4 import build_minigpt4
 

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, TINY_STAGE1
+from helpers import BIN, TINY_STAGE1
 
 pytestmark = [pytest.mark.slow]
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO, TINY_STAGE1, free_port, read_metrics
+from helpers import BIN, REPO, TINY_STAGE1, free_port, read_metrics
 
 pytestmark = pytest.mark.slow
 # The Slurm tests' DeepSpeed op cache (see test_slurm.py): a restarted rank would otherwise rebuild it.

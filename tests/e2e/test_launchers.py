@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_STAGE1, free_port, read_metrics
+from helpers import REPO, TINY_STAGE1, free_port, read_metrics
 
 pytestmark = pytest.mark.slow
 BIN = os.path.dirname(sys.executable)

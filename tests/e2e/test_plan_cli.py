@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, REPO
+from helpers import BIN, REPO
 
 
 def run_plan(*args):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO, TINY_STAGE1, TINY_STAGE2, read_metrics
+from helpers import BIN, REPO, TINY_STAGE1, TINY_STAGE2, read_metrics
 from slurm_cluster import SlurmCluster, ensure_installed
 
 pytestmark = pytest.mark.slow

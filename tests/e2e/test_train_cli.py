@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_STAGE1, read_metrics
+from helpers import REPO, TINY_STAGE1, read_metrics
 
 BIN = os.path.dirname(sys.executable)
 
@@ -41,8 +41,13 @@ def test_shard_pattern_matching_nothing_fails_before_training(tiny_assets, tmp_p
 @pytest.mark.slow
 def test_single_process_without_launcher(tiny_assets, run_train, tmp_path):
     run_dir = str(tmp_path / "run")
+    # A DeepSpeed JSON of the user's own (parallel.deepspeed_config), merged under the run config.
+    user_ds = tmp_path / "my_ds.json"
+    user_ds.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345678},
+                                   "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False}))
     proc = run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=6",
-                      "train.log_every=1", "data.group_by_length=2", "--profile"],
+                      "train.log_every=1", "data.group_by_length=2", f"parallel.deepspeed_config={user_ds}",
+                      "--profile"],
                      launcher="none")
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     import yaml
@@ -55,6 +60,8 @@ def test_single_process_without_launcher(tiny_assets, run_train, tmp_path):
     ds = json.load(open(os.path.join(run_dir, "ds_config.json")))
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 2  # derived, no "auto"
     assert "auto" not in json.dumps(ds)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 12345678  # the user's JSON
+    assert ds["zero_optimization"]["overlap_comm"] is True and ds["wall_clock_breakdown"] is False  # the template's
 
 
 @pytest.mark.slow
@@ -89,7 +96,7 @@ def test_stage2_from_a_stage1_projection_on_a_cc_sbu_align_folder(tiny_assets, r
 
     import torch
 
-    from conftest import TINY_STAGE2
+    from helpers import TINY_STAGE2
     from mgpt4_dist.data.shards import synthetic_samples
 
     root = tmp_path / "cc_sbu_align"

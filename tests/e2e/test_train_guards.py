@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import BIN, REPO, TINY_STAGE1, read_metrics
+from helpers import BIN, REPO, TINY_STAGE1, read_metrics
 from mgpt4_dist.config import ConfigError, load_config
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

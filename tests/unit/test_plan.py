@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import TINY_STAGE1
+from helpers import TINY_STAGE1
 
 from mgpt4_dist.config import load_config
 from mgpt4_dist.plan import (GiB, ParamCounts, activation_bytes, count_params, measure_saved_activation_bytes,
@@ -39,15 +39,16 @@ def test_vicuna7b_counts_and_sharded_frozen_weights():
 def test_activation_estimate_matches_saved_tensors(tiny_assets, micro, checkpointing):
     """Within 10 %: the estimate counts the saved tensors by formula; the measurement adds small
     per-layer items it leaves out (RoPE cos/sin, the rsqrt of each norm, masks, CE targets)."""
-    from mgpt4_dist.models.llm import apply_activation_checkpointing, load_tokenizer
+    from mgpt4_dist.models.llm import load_tokenizer
     from mgpt4_dist.models.minigpt4 import build_minigpt4
     from mgpt4_dist.models.sequence import SequenceBuilder
+    from mgpt4_dist.parallel import apply_ac
 
     cfg = load_config(TINY_STAGE1, list(tiny_assets["overrides"]))
     counts = count_params(cfg)
     model = build_minigpt4(cfg.model, seed=0)
     if checkpointing:
-        apply_activation_checkpointing(model.llm)
+        apply_ac(model.llm)
     caption = "a red cube on a small green table near the window with many more words to fill the caption up"
     text = SequenceBuilder(load_tokenizer(cfg.model.llm_path), model.num_image_tokens, 32, "\n", 3800)([caption] * micro)
     measured = measure_saved_activation_bytes(model, torch.randn(micro, 3, 224, 224), text)

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from mgpt4_dist.config import load_config, save_config
-from mgpt4_dist.run_dir import RunDirError, check_run_dir
+from mgpt4_dist.checkpoint.run_dir import RunDirError, check_run_dir
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "mgpt4_dist", "configs", "tiny_stage1.yaml")
 

@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
-from mgpt4_dist.checkpoint import ResumePoint, checkpoints_dir, list_checkpoints, saved_world_size
+from mgpt4_dist.checkpoint.layout import ResumePoint, checkpoints_dir, list_checkpoints, saved_world_size, tag_step
 from mgpt4_dist.config import ConfigError, JobConfig, config_from_dict, to_dict
 from mgpt4_dist.errors import UserError
 
@@ -80,7 +80,7 @@ def prepare(cfg: JobConfig, point: Optional[ResumePoint], rank: int, world: int,
         if rank == 0:
             print(done, flush=True)
         return "finished"
-    check_resume_changes(cfg, point.path, saved_world_size(point), world, accum)
+    check_resume_changes(cfg, point.path, saved_world_size(point.path), world, accum)
     return None
 
 
@@ -125,13 +125,9 @@ def _same_run(cfg: JobConfig) -> bool:
     return all(before.get(key) == value for key, value in after.items() if key not in IGNORED_KEYS)
 
 
-def checkpoint_step(tag: str) -> int:
-    return int(tag.rsplit("_", 1)[-1])
-
-
 def finished_at(point_tag: str, cfg: JobConfig) -> Optional[str]:
     """'already at step S of N: nothing to do' when the checkpoint is at or past the last step."""
-    step = checkpoint_step(point_tag)
+    step = tag_step(point_tag)
     last = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
     if step < last:
         return None

@@ -10,7 +10,7 @@ Build order (fixed, for every backend; the one place it is written down):
      so no rank ever holds the whole model; otherwise every rank builds it whole;
   2. audit the trainable set (llama_proj only);
   3. apply activation checkpointing to the LLM decoder layers if `parallel.activation_checkpointing`
-     (`apply_activation_checkpointing`; the frozen towers run under no_grad and keep no activations),
+     (`apply_ac`; the frozen towers run under no_grad and keep no activations),
      then `torch.compile` each transformer block if `train.compile` (`apply_compile`; before
      wrapping, so FSDP2 shards the compiled blocks and DeepSpeed hooks see the same modules);
   4. wrap with the backend, which shards and casts:
@@ -22,14 +22,14 @@ Build order (fixed, for every backend; the one place it is written down):
                   and the root; `MixedPrecisionPolicy` (compute in the precision, reduce in fp32),
                   so `model.vit_precision` other than the training precision is refused;
   5. load a checkpoint if resuming (done by the trainer through `Engine.load`).
-Steps 3-4 are `mgpt4_dist.parallel.build_engine`, kept out of this module so that the backends'
-modules import the interface and nothing imports back.
+Steps 1-2 are `mgpt4_dist.parallel.build_model`, steps 3-4 `mgpt4_dist.parallel.build_engine`,
+kept out of this module so that the backends' modules import the interface and nothing imports back.
 
 Before step 4 `check_precision` refuses a `train.precision` the device cannot run (fp16 on a CPU
 without oneDNN fp16, bf16 on a GPU older than Ampere), for both backends, before any training.
 
 Every checkpoint also holds the engine-neutral trainable state (`Engine.get_full_state`, written
-by `mgpt4_dist.checkpoint`): consolidation, export, `model.proj_checkpoint` and a resume on another
+by `mgpt4_dist.checkpoint.manager`): consolidation, export, `model.proj_checkpoint` and a resume on another
 backend, world size or ZeRO stage (`Engine.load_full_state`) read that, never an engine's own files.
 """
 from __future__ import annotations
@@ -42,9 +42,20 @@ import torch
 from torch import nn
 
 from mgpt4_dist.config import ConfigError
-from mgpt4_dist.trainable_state import FullState
+from mgpt4_dist.checkpoint.state import FullState
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def full_shape(param: torch.Tensor) -> tuple:
+    """A parameter's whole shape, also when ZeRO-3 has partitioned it: its own tensor is then an
+    empty placeholder and DeepSpeed records the real shape as `ds_shape` (FSDP2's DTensors report
+    their whole shape themselves)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """A parameter's whole element count (`ds_numel` when ZeRO-3 has partitioned it)."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 class PrecisionUnsupported(ConfigError):
@@ -139,6 +150,10 @@ class Engine(abc.ABC):
     def skipped_steps(self) -> int:
         """Optimizer steps skipped by the fp16 dynamic loss scaler (overflow); 0 otherwise."""
         return 0
+
+    def trainable_shapes(self) -> dict:
+        """{name: whole shape} of every trainable parameter, however the backend shards it."""
+        return {n: full_shape(p) for n, p in self.module.named_parameters() if p.requires_grad}
 
     def param_bytes(self) -> int:
         """Bytes of parameter storage this rank holds (its shards only, when sharded)."""

@@ -1,7 +1,7 @@
 """Consolidation: a training checkpoint → one fp32 artifact for inference or export.
 
 Every step folder holds `trainable_state.safetensors`, the engine-neutral trainable state
-(`mgpt4_dist.checkpoint.TrainableState`), whatever engine, ZeRO stage or world size wrote it: the
+(`mgpt4_dist.checkpoint.state.TrainableState`), whatever engine, ZeRO stage or world size wrote it: the
 fp32 master weights of llama_proj are read from it, without a process group, GPU or DeepSpeed.
 DeepSpeed's own files stay in the folder for a resume on the same engine and for its tools
 (`zero_to_fp32.py`); nothing here parses them.
@@ -18,57 +18,18 @@ import json
 import logging
 import os
 import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from mgpt4_dist.config import JobConfig, config_from_dict, save_config, to_dict
-from mgpt4_dist.trainable_state import CheckpointFormatError, TrainableState, resolve_step_dir
+from mgpt4_dist.checkpoint.layout import read_meta, resolve_step_dir
+from mgpt4_dist.checkpoint.state import TrainableState, proj_state_for
+from mgpt4_dist.config import JobConfig
+from mgpt4_dist.errors import CheckpointMismatchError
+from mgpt4_dist.export.inference_config import inference_config, read_run_config, write_inference_config
+from mgpt4_dist.export.proj_file import write_minigpt4_pth
 
 log = logging.getLogger(__name__)
-
-__all__ = ["CheckpointFormatError", "consolidate", "inference_config", "read_meta", "read_run_config",
-           "resolve_step_dir", "write_minigpt4_pth"]
-
-
-def read_meta(step_dir: str) -> dict:
-    path = os.path.join(step_dir, "meta.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_run_config(step_dir: str) -> JobConfig:
-    import yaml
-
-    path = os.path.join(step_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise CheckpointFormatError(f"{step_dir}: no config.yaml (not a complete mgpt4-train checkpoint)")
-    with open(path) as f:
-        return config_from_dict(yaml.safe_load(f))
-
-
-# --------------------------------------------------------------------------- writing
-
-def conversation_style(cfg: JobConfig) -> str:
-    """vicuna0 (`###Human:` turns) or llama2 (`[INST]`): the Llama-2 variant has no Q-Former."""
-    return "llama2" if not cfg.model.has_qformer else "vicuna0"
-
-
-def inference_config(cfg: JobConfig, step: Optional[int], source: str, full: bool) -> dict:
-    return {"format": "mgpt4_dist.consolidated", "version": 1, "step": step, "source": source,
-            "conversation": conversation_style(cfg), "full": full,
-            "model": to_dict(cfg.model),
-            "data": {"max_txt_len": cfg.data.max_txt_len, "end_sym": cfg.data.end_sym,
-                     "prompt_template": cfg.data.prompt_template}}
-
-
-def write_minigpt4_pth(tensors: Dict[str, torch.Tensor], path: str) -> None:
-    """The original demo.py's `ckpt` file: `{'model': {'llama_proj.weight', 'llama_proj.bias'}}`, fp32."""
-    tmp = path + ".tmp"
-    torch.save({"model": {k: v.float().contiguous() for k, v in tensors.items()}}, tmp)
-    os.replace(tmp, path)
 
 
 def consolidate(checkpoint: str, out_dir: str, full: bool = False, shard_bytes: int = 2 * 1024 ** 3) -> dict:
@@ -92,11 +53,7 @@ def consolidate(checkpoint: str, out_dir: str, full: bool = False, shard_bytes: 
         files.append("model.safetensors")
     write_minigpt4_pth(trained, os.path.join(out_dir, "minigpt4.pth"))
     files.append("minigpt4.pth")
-    conf = inference_config(cfg, meta.get("step"), step_dir, full)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(conf, f, indent=2)
-    save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    files += ["config.json", "config.yaml"]
+    files += write_inference_config(cfg, out_dir, meta.get("step"), step_dir, full)
     return {"step_dir": step_dir, "tensors": {k: list(v.shape) for k, v in trained.items()}, "files": files}
 
 
@@ -106,7 +63,8 @@ def _frozen_tensor_sources(cfg: JobConfig) -> Iterator[Tuple[str, torch.Tensor]]
 
     from mgpt4_dist.models.minigpt4 import build_vision_towers
 
-    vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed)
+    vit, qformer, ln_vision = build_vision_towers(cfg.model, seed=cfg.train.seed,
+                                                  proj_source=proj_state_for(cfg.model))
     for prefix, module in (("visual_encoder.", vit), ("qformer.", qformer), ("ln_vision.", ln_vision)):
         if module is not None:
             for k, v in module.state_dict().items():
@@ -114,7 +72,7 @@ def _frozen_tensor_sources(cfg: JobConfig) -> Iterator[Tuple[str, torch.Tensor]]
     del vit, qformer, ln_vision
     llm_files = sorted(glob.glob(os.path.join(cfg.model.llm_path, "*.safetensors")))
     if not llm_files:
-        raise CheckpointFormatError(f"--full streams the LLM from safetensors files; {cfg.model.llm_path} has none")
+        raise CheckpointMismatchError(f"--full streams the LLM from safetensors files; {cfg.model.llm_path} has none")
     for path in llm_files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():

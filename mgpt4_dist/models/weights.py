@@ -1,4 +1,6 @@
-"""Strict loaders for the original MiniGPT-4 weight files.
+"""Original weight files: the strict loaders of the MiniGPT-4 files (EVA ViT, BLIP-2 Q-Former,
+llama_proj), their logging (path, size, quick hash), and Vicuna v0 from LLaMA + delta
+(`apply_delta`). Never a training checkpoint: those are read by `mgpt4_dist.checkpoint`, above.
 
 The original loads everything with `strict=False`, so a wrong file is silently ignored or fails
 late with a confusing size mismatch. Here every tensor the model needs must be found, by name,
@@ -8,24 +10,22 @@ found shapes. Files handed to us are read with `weights_only=True` (or safetenso
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
-from typing import Callable, Dict, Iterable, Optional
+import shutil
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from mgpt4_dist.config import ConfigError
-from mgpt4_dist.errors import MissingFileError, UserError
-from mgpt4_dist.models.build import LocalBuild, copy_state_into, full_shape
+from mgpt4_dist.errors import CheckpointMismatchError, InvalidInputError, MissingFileError
+from mgpt4_dist.models.build import LocalBuild, copy_state_into
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointMismatchError(UserError, ValueError):
-    """A weight file that does not fit the configured model."""
-
 
 # Bytes read from each end of a weight file for its quick hash: cheap for a multi-GB file, and any
 # two different real checkpoints differ within them (headers, first and last tensors).
@@ -112,7 +112,7 @@ def load_strict(module: nn.Module, state: Dict[str, torch.Tensor], path: str, wh
     """Copy `state` into `module`, requiring exactly the module's keys with matching shapes."""
     build = build or LocalBuild()
     # Whole shapes: a partitioned parameter's own tensor is an empty placeholder.
-    expected = {k: full_shape(v) for k, v in module.state_dict(keep_vars=True).items()}
+    expected = {k: build.full_shape(v) for k, v in module.state_dict(keep_vars=True).items()}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [(k, expected[k], tuple(state[k].shape))
@@ -152,7 +152,7 @@ def load_vit_checkpoint(vit: nn.Module, path: str, build: Optional[LocalBuild] =
         log.info("%s: ignoring blocks %s (model.vit.depth=%d)", path, extra_blocks, depth)
     state = {k: v for k, v in state.items() if not ((m := _BLOCK_KEY.match(k)) and int(m.group(1)) >= depth)}
 
-    state = interpolate_pos_embed(state, full_shape(vit.eva.pos_embed)[1], path)
+    state = interpolate_pos_embed(state, build.full_shape(vit.eva.pos_embed)[1], path)
 
     def hint(key: str, want: tuple, got: tuple) -> str:
         if key == "pos_embed":
@@ -247,53 +247,176 @@ def proj_state_from_file(state: dict) -> Dict[str, torch.Tensor]:
     return {}
 
 
-def read_proj_source(path: str) -> dict:
-    """What `model.proj_checkpoint` names: a weight file (a MiniGPT-4 .pth, our minigpt4.pth or
-    model.safetensors), or a folder: one written by mgpt4-consolidate (its minigpt4.pth), a training
-    run, its checkpoints folder or one step folder (the fp32 master weights of the step folder's
-    engine-neutral trainable state, whichever engine and world size wrote it)."""
+CONSOLIDATED_PROJ_FILES = ("minigpt4.pth", "model.safetensors")  # what mgpt4-consolidate writes, in this order
+
+
+def is_weight_folder(path: str) -> bool:
+    """A folder written by mgpt4-consolidate (its minigpt4.pth or model.safetensors)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in CONSOLIDATED_PROJ_FILES)
+
+
+def read_proj_file(path: str) -> dict:
+    """A llama_proj weight file (a MiniGPT-4 .pth, our minigpt4.pth or model.safetensors), or an
+    mgpt4-consolidate folder (its minigpt4.pth). A training run or step folder is read one layer up
+    (`mgpt4_dist.checkpoint.state.read_proj_source`): models/ never reads training checkpoints."""
     if not os.path.isdir(path):
         log_weight_files("llama_proj (model.proj_checkpoint)", path)
         return read_weights(path)
-    for name in ("minigpt4.pth", "model.safetensors"):
+    for name in CONSOLIDATED_PROJ_FILES:
         if os.path.isfile(os.path.join(path, name)):
             log_weight_files("llama_proj (model.proj_checkpoint)", os.path.join(path, name))
             return read_weights(os.path.join(path, name))
-    # A run or step folder: its engine-neutral trainable state (a plain safetensors file), not an engine's files.
-    from mgpt4_dist.trainable_state import read_trainable_state
-
-    try:
-        state = read_trainable_state(path)
-        log_weight_files("llama_proj (model.proj_checkpoint, training checkpoint)", state.path)
-        return state.tensors("fp32")
-    except (OSError, ValueError) as e:
-        raise CheckpointMismatchError(f"{path}: a folder that is neither an mgpt4-consolidate output nor a "
-                                      f"training checkpoint ({e})") from e
+    raise CheckpointMismatchError(f"{path}: a folder without {' or '.join(CONSOLIDATED_PROJ_FILES)}; a training run "
+                                  f"or step folder is read by mgpt4_dist.checkpoint.state.read_proj_source")
 
 
-def load_ln_vision_from_proj_checkpoint(ln_vision: nn.LayerNorm, path: str, build: Optional[LocalBuild] = None) -> None:
+def load_ln_vision_from_proj_checkpoint(ln_vision: nn.LayerNorm, path: str, build: Optional[LocalBuild] = None,
+                                        tensors: Optional[dict] = None) -> None:
     """The Llama-2 variant's ln_vision comes from the MiniGPT-4 file when it carries `ln_vision.*`,
-    else it keeps its default init (weight 1, bias 0), as in the original."""
-    raw = read_proj_source(path)
+    else it keeps its default init (weight 1, bias 0), as in the original. `tensors`: the file's
+    tensors when the caller has read them already (a training checkpoint's, say)."""
+    raw = tensors if tensors is not None else read_proj_file(path)
     state = raw["model"] if isinstance(raw.get("model"), dict) else raw
     norm = {k[len("ln_vision."):]: v for k, v in state.items() if k.startswith("ln_vision.")}
     if norm:
         load_strict(ln_vision, norm, path, "ln_vision", build=build)
 
 
-def load_proj_checkpoint(proj: nn.Linear, path: str, build: Optional[LocalBuild] = None) -> None:
-    """llama_proj from a MiniGPT-4 file, or our own exported/consolidated file or training checkpoint."""
-    found = proj_state_from_file(read_proj_source(path))
+def load_proj_checkpoint(proj: nn.Linear, path: str, build: Optional[LocalBuild] = None,
+                         tensors: Optional[dict] = None) -> None:
+    """llama_proj from a MiniGPT-4 file or our own exported/consolidated file; `tensors`: the tensors of
+    `path` when the caller has read them already (a training checkpoint's, say)."""
+    found = proj_state_from_file(tensors if tensors is not None else read_proj_file(path))
     if not found:
         raise CheckpointMismatchError(f"{path}: no llama_proj.* tensors found (is this a MiniGPT-4 checkpoint?)")
 
     def hint(key: str, want: tuple, got: tuple) -> str:
-        sizes = {4096: "7B", 5120: "13B"}
-        if key == "weight" and got[0] != want[0]:
-            return (f"this checkpoint is for a {sizes.get(got[0], str(got[0]) + '-wide')} LLM, "
-                    f"the config has a {sizes.get(want[0], str(want[0]) + '-wide')} LLM")
-        if key == "weight" and got[1] != want[1]:
-            return "the checkpoint was made for another visual feature width (Q-Former vs Llama-2 variant)"
-        return "another projection shape"
+        return proj_shape_hint(got, want) if key == "weight" else "another projection shape"
 
     load_strict(proj, found, path, "llama_proj", hint, build)
+
+
+LLM_SIZES = {4096: "7B", 5120: "13B"}  # hidden size -> the Vicuna/Llama-2 size that has it
+
+
+def proj_shape_hint(got: tuple, want: tuple) -> str:
+    """Why a llama_proj weight of shape `got` does not fit one of shape `want` (both [LLM width, visual width]),
+    for every place that compares them (weight files here, training checkpoints on resume)."""
+    if got[0] != want[0]:
+        return (f"this checkpoint is for a {LLM_SIZES.get(got[0], f'{got[0]}-wide')} LLM: an LLM of hidden size "
+                f"{got[0]}, the config has {want[0]} (model.llm_path)")
+    if len(got) > 1 and got[1] != want[1]:
+        return ("the checkpoint was made for another visual feature width (Q-Former vs the Llama-2 variant, "
+                "model.has_qformer / model.qformer.hidden_size)")
+    return "another projection shape"
+
+
+# --------------------------------------------------------------------------- Vicuna v0 from LLaMA + delta
+# The original README builds Vicuna v0 with FastChat's `apply_delta`: every tensor is base + delta,
+# and the config and tokenizer come from the delta. Here one delta shard and the base tensors it
+# needs are in memory at a time, so a 13B model needs about one shard of RAM, not both models.
+
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+              "special_tokens_map.json", "tokenizer.json", "added_tokens.json")
+
+
+def weight_shards(folder: str, what: str = "model folder") -> Tuple[List[str], Dict[str, str]]:
+    """(shard files in order, tensor name → shard file) of a Hugging Face model folder."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            return [os.path.join(folder, f) for f in files], {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(folder, single)
+        if os.path.isfile(path):
+            return [path], {name: path for name in shard_tensor_names(path)}
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"{what} {folder}: no such folder")
+    raise MissingFileError(f"{what} {folder}: no model.safetensors, pytorch_model.bin or their index files; "
+                           f"expected a Hugging Face model folder")
+
+
+def shard_tensor_names(path: str) -> List[str]:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys())
+
+
+class ShardReader:
+    """Reads tensors by name, keeping at most one shard open (safetensors lazily, .bin memory-mapped)."""
+
+    def __init__(self, weight_map: Dict[str, str]):
+        self.weight_map = weight_map
+        self._path, self._handle = None, None
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.weight_map[name]
+        if path != self._path:
+            self._path = path
+            if path.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                self._handle = safe_open(path, framework="pt")
+            else:
+                self._handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.endswith(".safetensors"):
+            return self._handle.get_tensor(name)
+        return self._handle[name]
+
+
+def _read_shard(path: str) -> Dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def apply_delta(base_dir: str, delta_dir: str, out_dir: str, progress: bool = True) -> dict:
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    base_files, base_map = weight_shards(base_dir, "--base")
+    delta_files, delta_map = weight_shards(delta_dir, "--delta")
+    missing = sorted(set(delta_map) - set(base_map))
+    if missing:
+        raise InvalidInputError(f"--base {base_dir} lacks {len(missing)} tensors of the delta (e.g. {missing[:3]}): "
+                                f"is this the LLaMA base the delta was made for?")
+    os.makedirs(out_dir, exist_ok=True)
+    base = ShardReader(base_map)
+    out_map: Dict[str, str] = {}
+    total = len(delta_files)
+    for i, delta_path in enumerate(tqdm(delta_files, desc="applying delta", unit="shard", disable=not progress,
+                                        file=sys.stderr), start=1):
+        merged = {}
+        for name, delta in _read_shard(delta_path).items():
+            b = base.get(name)
+            if b.shape == delta.shape:
+                merged[name] = (delta.float() + b.float()).to(delta.dtype).contiguous()
+            elif b.ndim == delta.ndim == 2 and b.shape[1] == delta.shape[1] and b.shape[0] < delta.shape[0]:
+                # Vicuna v0 adds a pad token: its embedding/lm_head have extra rows the base lacks.
+                full = delta.float().clone()
+                full[: b.shape[0]] += b.float()
+                merged[name] = full.to(delta.dtype).contiguous()
+            else:
+                raise InvalidInputError(f"{name}: base shape {list(b.shape)} does not fit delta shape "
+                                        f"{list(delta.shape)}: is --base the LLaMA the delta was made for?")
+        shard_name = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+        save_file(merged, os.path.join(out_dir, shard_name), metadata={"format": "pt"})
+        out_map.update({name: shard_name for name in merged})
+        del merged
+    if total > 1:
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": out_map}, f, indent=1)
+    copied = []
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(delta_dir, name)):
+            shutil.copyfile(os.path.join(delta_dir, name), os.path.join(out_dir, name))
+            copied.append(name)
+    return {"tensors": len(out_map), "shards": total, "out": out_dir, "copied": copied}

@@ -1,26 +1,29 @@
-"""The engine-neutral trainable state of a step folder: `trainable_state.safetensors`.
+"""What a checkpoint holds besides the engine's own files: the engine-neutral trainable state
+(`trainable_state.safetensors`), each rank's trainer state (`trainer_state_rank{R}.pt`: step, data
+position, RNG states) and the RNG capture/restore, plus `read_proj_source` (`model.proj_checkpoint`).
 
-Every checkpoint holds one, written by rank 0 from `Engine.get_full_state` whatever the engine
+Every checkpoint holds a trainable state, written by rank 0 from `Engine.get_full_state` whatever the engine
 (DeepSpeed ZeRO 0-3 with or without offload, FSDP2), precision or world size: the fp32 master
 weights of what trains (llama_proj), its AdamW moments and step, the lr schedule state and the
 counters. It is the one thing consolidation, export, `model.proj_checkpoint` and a resharded resume
 read (`TrainableState`); the engines' own files serve a resume on the same engine and layout.
 
-A leaf: torch, safetensors and the error base only, so the model loader, the checkpoint protocol,
-consolidation and the engines can all use it without importing one another.
+It imports only the layout and the error base (and models/weights.py for plain weight files), so
+the checkpoint protocol, export and the engines can all use it without importing one another.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
+import random
 from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
-from mgpt4_dist.errors import MissingFileError, UserError
+from mgpt4_dist.checkpoint.layout import read_meta, resolve_step_dir
+from mgpt4_dist.errors import CheckpointMismatchError, MissingFileError
 
-TAG_RE = re.compile(r"^step_(\d{8})$")
 MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state besides its step counter
 
 
@@ -45,10 +48,6 @@ TRAINABLE_STATE = "trainable_state.safetensors"
 TRAINABLE_STATE_FORMAT = "mgpt4_dist.trainable_state"
 TRAINABLE_STATE_VERSION = 1
 KINDS = ("fp32",) + MOMENTS  # the tensors of every trainable parameter, in the file as "KIND/NAME"
-
-
-class CheckpointFormatError(UserError, ValueError):
-    """A folder that is not a readable training checkpoint."""
 
 
 def write_trainable_state(state: FullState, path: str) -> None:
@@ -81,19 +80,19 @@ class TrainableState:
         self.step_dir = step_dir
         self.path = os.path.join(step_dir, TRAINABLE_STATE)
         if not os.path.isfile(self.path):
-            raise CheckpointFormatError(_missing_state_message(step_dir))
+            raise CheckpointMismatchError(_missing_state_message(step_dir))
         try:
             with safe_open(self.path, framework="pt") as f:
                 meta = f.metadata() or {}
                 shapes = {key: torch.Size(f.get_slice(key).get_shape()) for key in f.keys()}
         except Exception as e:  # safetensors raises its own error type for a damaged header
-            raise CheckpointFormatError(f"{self.path}: not a readable safetensors file ({e}); the checkpoint is "
+            raise CheckpointMismatchError(f"{self.path}: not a readable safetensors file ({e}); the checkpoint is "
                                         f"damaged: use an earlier step folder") from e
         if meta.get("format") != TRAINABLE_STATE_FORMAT:
-            raise CheckpointFormatError(f"{self.path}: not an mgpt4_dist trainable state (format "
+            raise CheckpointMismatchError(f"{self.path}: not an mgpt4_dist trainable state (format "
                                         f"{meta.get('format')!r})")
         if int(meta.get("version", 0)) > TRAINABLE_STATE_VERSION:
-            raise CheckpointFormatError(f"{self.path}: version {meta['version']} was written by a newer mgpt4_dist; "
+            raise CheckpointMismatchError(f"{self.path}: version {meta['version']} was written by a newer mgpt4_dist; "
                                         f"this one reads up to version {TRAINABLE_STATE_VERSION}: upgrade mgpt4_dist")
         try:
             self._names: list = json.loads(meta["names"])
@@ -101,10 +100,10 @@ class TrainableState:
             self.lr_scheduler: Optional[dict] = json.loads(meta["lr_scheduler"])
             self._counters: dict = json.loads(meta["counters"])
         except (KeyError, ValueError) as e:
-            raise CheckpointFormatError(f"{self.path}: its metadata lacks or garbles {e}; the checkpoint is damaged") from e
+            raise CheckpointMismatchError(f"{self.path}: its metadata lacks or garbles {e}; the checkpoint is damaged") from e
         missing = [f"{kind}/{name}" for kind in KINDS for name in self._names if f"{kind}/{name}" not in shapes]
         if missing:
-            raise CheckpointFormatError(f"{self.path}: lacks {missing}; the checkpoint is damaged")
+            raise CheckpointMismatchError(f"{self.path}: lacks {missing}; the checkpoint is damaged")
         self._shapes = {name: shapes[f"fp32/{name}"] for name in self._names}
 
     def names(self) -> list:
@@ -136,10 +135,7 @@ class TrainableState:
 
 
 def _missing_state_message(step_dir: str) -> str:
-    meta = {}
-    if os.path.isfile(os.path.join(step_dir, "meta.json")):
-        with open(os.path.join(step_dir, "meta.json")) as f:
-            meta = json.load(f)
+    meta = read_meta(step_dir)
     if not meta:
         return (f"{step_dir}: no {TRAINABLE_STATE} and no meta.json: not a step folder of an mgpt4-train run "
                 f"(pass RUN_DIR, RUN_DIR/checkpoints/latest or RUN_DIR/checkpoints/step_NNNNNNNN)")
@@ -158,22 +154,66 @@ def read_trainable_state(path: str) -> TrainableState:
     return TrainableState(resolve_step_dir(path))
 
 
-def resolve_step_dir(path: str) -> str:
-    """A step folder, `.../checkpoints/latest`, a checkpoints folder or a run folder → the step folder."""
-    path = os.path.abspath(path)
-    if os.path.basename(path) == "latest":
-        root = os.path.dirname(path)
-        if os.path.isdir(path):  # a folder named latest: take it as is
-            return path
-        if not os.path.isfile(path):
-            raise MissingFileError(f"{path}: no `latest` pointer there")
-        with open(path) as f:
-            return os.path.join(root, f.read().strip())
-    for root in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest) and not TAG_RE.match(os.path.basename(path)):
-            with open(latest) as f:
-                return os.path.join(root, f.read().strip())
-    if not os.path.isdir(path):
-        raise MissingFileError(f"{path}: no such checkpoint folder")
-    return path
+# --------------------------------------------------------------------------- RNG and trainer state
+
+def rng_state() -> dict:
+    """This process's Python, NumPy, torch (and CUDA) RNG states, as weights-only-loadable types."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainer_state_file(step_dir: str, rank: int) -> str:
+    return os.path.join(step_dir, f"trainer_state_rank{rank}.pt")
+
+
+def load_trainer_state(step_dir: str, rank: int) -> dict:
+    """One rank's `trainer_state_rank{R}.pt` (step, data position, RNG states)."""
+    path = trainer_state_file(step_dir, rank)
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path} is missing: the checkpoint is incomplete")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- model.proj_checkpoint
+
+def read_proj_source(path: str) -> dict:
+    """What `model.proj_checkpoint` names, as tensors: a weight file (a MiniGPT-4 .pth, our minigpt4.pth
+    or model.safetensors) or an mgpt4-consolidate folder (read by `mgpt4_dist.models.weights`), or a
+    training run, its checkpoints folder or one step folder: the fp32 master weights of the step
+    folder's engine-neutral trainable state, whichever engine and world size wrote it. Read here,
+    above models/, so the model layer never reads a training checkpoint."""
+    from mgpt4_dist.models.weights import is_weight_folder, log_weight_files, read_proj_file
+
+    if not os.path.isdir(path) or is_weight_folder(path):
+        return read_proj_file(path)
+    try:
+        state = read_trainable_state(path)
+        log_weight_files("llama_proj (model.proj_checkpoint, training checkpoint)", state.path)
+        return state.tensors("fp32")
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(f"{path}: a folder that is neither an mgpt4-consolidate output nor a "
+                                      f"training checkpoint ({e})") from e
+
+
+def proj_state_for(model_cfg) -> Optional[dict]:
+    """The tensors of `model.proj_checkpoint` for `build_minigpt4(proj_state=...)`, or None when unset."""
+    return read_proj_source(model_cfg.proj_checkpoint) if model_cfg.proj_checkpoint else None

@@ -1,0 +1,11 @@
+"""Training checkpoint -> files for inference and other tools; sits above `models/` and `checkpoint/`.
+
+- `consolidate`: a step folder -> an fp32 inference folder (`mgpt4-consolidate`);
+- `proj_file`: the trained projection as one file, the original MiniGPT-4 `.pth` or safetensors
+  (`mgpt4-export`);
+- `inference_config`: the run config a checkpoint was trained with, and the `config.json` an
+  exported folder or file carries for `mgpt4_dist.inference.load_model`.
+
+Everything here reads a checkpoint through its engine-neutral trainable state
+(`mgpt4_dist.checkpoint.state.TrainableState`): no process group, GPU or engine is needed.
+"""

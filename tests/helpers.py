@@ -1,0 +1,59 @@
+"""Plain helpers shared by test modules (imported as `from helpers import ...`; fixtures stay in
+conftest.py, which no test imports): repository paths, a free port, metrics.jsonl reading, and
+hand-made step folders for the checkpoint and export unit tests."""
+import json
+import os
+import socket
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_STAGE1 = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")
+TINY_STAGE2 = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage2.yaml")
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir: str) -> list:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------- hand-made step folders
+
+PROJ_NAMES = ["llama_proj.weight", "llama_proj.bias"]
+
+
+def make_full_state(seed=0, adam_step=5, loss_scale=None):
+    """A FullState of a 5 -> 7 llama_proj with distinct values everywhere."""
+    import torch
+
+    from mgpt4_dist.checkpoint.state import FullState
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"llama_proj.weight": (7, 5), "llama_proj.bias": (7,)}
+    weights = {n: torch.randn(shapes[n], generator=g) for n in PROJ_NAMES}
+    moments = {kind: {n: torch.randn(shapes[n], generator=g).abs() for n in PROJ_NAMES}
+               for kind in ("exp_avg", "exp_avg_sq")}
+    schedule = {"max_steps": 10, "base_lrs": [1e-3, 1e-3], "last_epoch": adam_step, "_last_lr": [4.2e-4, 4.2e-4]}
+    counters = {"global_steps": adam_step + 1, "global_samples": 48, "skipped_steps": 1, "loss_scale": loss_scale}
+    return FullState(weights, moments, adam_step, schedule, counters)
+
+
+def write_step_folder(root, step=6, meta=None, state=None):
+    """ROOT/checkpoints/step_NNNNNNNN with meta.json (and the trainable state when given), and `latest`."""
+    from mgpt4_dist.checkpoint.state import TRAINABLE_STATE, write_trainable_state
+
+    step_dir = os.path.join(str(root), "checkpoints", f"step_{step:08d}")
+    os.makedirs(step_dir)
+    with open(os.path.join(step_dir, "meta.json"), "w") as f:
+        json.dump(meta or {"step": step, "world_size": 2, "backend": "deepspeed", "zero_stage": 0}, f)
+    with open(os.path.join(str(root), "checkpoints", "latest"), "w") as f:
+        f.write(f"step_{step:08d}")
+    if state is not None:
+        write_trainable_state(state, os.path.join(step_dir, TRAINABLE_STATE))
+    return step_dir
