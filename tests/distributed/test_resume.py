@@ -1,5 +1,6 @@
-"""Checkpoint lifecycle with real processes: kill -9 mid-save, resume on another world size, ZeRO
-stage or backend (DeepSpeed <-> FSDP2), and a checkpoint for another model refused before training."""
+"""Checkpoint lifecycle with real processes, every resume test in one place: stop and resume exactly on
+the same engine (DeepSpeed, FSDP2), kill -9 mid-save, resume on another world size, ZeRO stage or
+backend (DeepSpeed <-> FSDP2), and a checkpoint for another model refused before training."""
 import os
 import signal
 import subprocess
@@ -17,9 +18,34 @@ def common(tiny_assets, *extra):
     return ["--config", TINY_STAGE1, *tiny_assets["overrides"], "train.log_every=1", *extra]
 
 
+def step_folders(run_dir):
+    """Checkpoint folders (DeepSpeed also drops its zero_to_fp32.py recovery script beside them)."""
+    return sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_"))
+
+
 def last_loss_per_step(run_dir):
     # A killed run may have logged steps that the resumed run repeats: the last record wins.
     return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def test_deepspeed_stop_and_resume_matches_uninterrupted(tiny_assets, run_train, tmp_path):
+    common = ["--config", TINY_STAGE1, *tiny_assets["overrides"], "train.max_steps=8", "train.log_every=1",
+              "checkpoint.every_steps=3", "checkpoint.keep_last=2"]
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_train(common + [f"run_dir={straight}"], launcher="torchrun")
+    run_train(common + [f"run_dir={interrupted}", "train.stop_at_step=5"], launcher="torchrun")
+    assert step_folders(interrupted) == ["step_00000003", "step_00000005"]
+    proc = run_train(common + [f"run_dir={interrupted}"], launcher="torchrun")
+    assert "resumed from" in proc.stdout
+
+    ref = {m["step"]: m["loss"] for m in read_metrics(straight)}
+    got = read_metrics(interrupted)
+    assert [m["step"] for m in got] == list(range(1, 9))  # appended, no step repeated or lost
+    for m in got:  # fp32, same engine and world size: bit for bit
+        assert m["loss"] == ref[m["step"]], f"step {m['step']}"
+    # keep_last=2 pruned the oldest; the last step always gets a checkpoint
+    assert step_folders(interrupted) == ["step_00000006", "step_00000008"]
+    assert open(os.path.join(interrupted, "checkpoints", "latest")).read() == "step_00000008"
 
 
 def test_kill9_during_save_resumes_from_previous_checkpoint_exactly(tiny_assets, run_train, tmp_path):
@@ -194,3 +220,22 @@ def test_checkpoint_for_another_llm_width_is_refused_before_training(tiny_assets
     assert "hidden size 64, the config has 96" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert [m["step"] for m in read_metrics(run_dir)] == [1]  # nothing trained
+
+
+def test_fsdp_stop_and_resume_matches_uninterrupted(tiny_assets, run_train, tmp_path):
+    """DCP checkpoint of llama_proj + AdamW + schedule; gradient accumulation across the resume point;
+    a step folder without trainable_state.safetensors (an older version's) resumes on its own engine."""
+    base = common(tiny_assets, "train.max_steps=4", "train.micro_batch_size=2", "optim.lr=3e-3",
+                  "optim.warmup_steps=2", "parallel.backend=fsdp", "checkpoint.every_steps=2", "train.grad_accum_steps=2")
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_train(base + [f"run_dir={straight}"], launcher="torchrun")
+    run_train(base + [f"run_dir={interrupted}", "train.stop_at_step=2"], launcher="torchrun")
+    # As an older mgpt4_dist left it: no engine-neutral state. Same-engine resume needs only the
+    # engine's own files, and its next checkpoint has the file again.
+    os.remove(os.path.join(interrupted, "checkpoints", "step_00000002", "trainable_state.safetensors"))
+    proc = run_train(base + [f"run_dir={interrupted}"], launcher="torchrun")
+    assert "resumed from" in proc.stdout and "has no trainable_state.safetensors" in proc.stdout
+    ref = [m["loss"] for m in read_metrics(straight)]
+    got = [m["loss"] for m in read_metrics(interrupted)]
+    assert len(got) == 4 and got == ref  # fp32, same engine and world size: bit for bit
+    assert os.path.isfile(os.path.join(interrupted, "checkpoints", "step_00000004", "trainable_state.safetensors"))
