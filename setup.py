@@ -20,10 +20,15 @@ setup(
         "sentencepiece",
         "safetensors",
         "pillow",
+        # Remote shards: object-store URLs open through fsspec (its s3/gs backends are the `remote` extra).
+        "fsspec",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # s3:// and gs:// shards (data.shards, mgpt4-make-shards/mgpt4-cache-features --out).
+        "remote": ["s3fs", "gcsfs"],
+        # moto's standalone S3 server, s3fs and boto3 serve the remote-shard tests.
+        "dev": ["pytest>=7", "pytest-timeout", "moto[server]>=5", "s3fs", "boto3"],
     },
     entry_points={
         "console_scripts": [

@@ -168,7 +168,8 @@ class _HttpReader:
 
     def read(self, n: int) -> bytes:
         try:
-            return self.response.read(n)
+            # read1: what has arrived (up to n), so bytes received before a reset are kept.
+            return self.response.read1(n)
         except http.client.IncompleteRead as e:
             raise _Transient(f"connection closed early ({e})") from None
         except (OSError, http.client.HTTPException) as e:
