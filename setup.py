@@ -17,6 +17,8 @@ setup(
         "torchvision>=0.29.1",
         "deepspeed>=0.19.8",
         "transformers>=5.24.0",  # TokenizersBackend, transformers.initialization, `dtype=` loading
+        # The shard format (tar members grouped by key) is webdataset's; its tools read our shards.
+        "webdataset>=1.0.2",
         "timm>=1.0.31",
         "numpy>=2.4.6",
         "pyyaml>=6.0.4",
@@ -26,11 +28,17 @@ setup(
         "pillow>=13.0.0",
         "braceexpand>=0.1.7",
         "tqdm>=4.70.1",
+        # Remote shards: object-store URLs open through fsspec (its s3/gs backends are the `remote` extra).
+        "fsspec>=2026.9.0",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
+        # s3:// and gs:// shards (data.shards, mgpt4-make-shards/mgpt4-cache-features --out).
+        "remote": ["s3fs>=2026.9.0", "gcsfs"],
         # setuptools: the packaging test builds a wheel without build isolation (no network).
-        "dev": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "setuptools>=61"],
+        # moto's standalone S3 server, s3fs and boto3 serve the remote-shard tests.
+        "dev": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "setuptools>=61",
+                "moto[server]>=5.2.5", "s3fs>=2026.9.0", "boto3>=1.43"],
     },
     entry_points={
         "console_scripts": [

@@ -4,7 +4,9 @@ ViT, ln_vision and the Q-Former are frozen and MiniGPT-4's image transform is de
 what they compute for a sample never changes: training with `data.features=true` on the cached
 shards gives the same loss as on the images while skipping the towers (most of a stage-1 step).
 Each input shard becomes one output shard of the same name holding, per sample, `KEY.npy`
-(features [image tokens, width]) and the original `KEY.json`/`KEY.txt`.
+(features [image tokens, width]) and the original `KEY.json`/`KEY.txt`, written through
+`shards.ShardWriter` (complete shards only; `--out` may be an object-store URL such as `s3://b/p`,
+each shard uploaded when complete).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import logging
 import os
 import sys
-import tarfile
+import tempfile
 from dataclasses import dataclass
 from typing import List
 
@@ -22,8 +24,10 @@ import torch
 from mgpt4_dist.checkpoint.state import proj_state_for
 from mgpt4_dist.config import ConfigError, JobConfig, ModelConfig, precision_dtype, shard_sources
 from mgpt4_dist.data.pipeline import Source, resolve_sources
-from mgpt4_dist.data.shards import (BadSampleError, FEATURES_FIELD, IMAGE_FIELDS, decode_sample, encode_features,
-                                    read_shard_samples)
+from mgpt4_dist.data import BadSampleError
+from mgpt4_dist.data.remote import is_object_store_url, join_url, upload_file
+from mgpt4_dist.data.samples import FEATURES_FIELD, IMAGE_FIELDS, decode_sample, encode_features
+from mgpt4_dist.data.shards import ShardWriter, read_shard_samples
 from mgpt4_dist.data.transforms import build_image_transform
 from mgpt4_dist.errors import InvalidInputError
 from mgpt4_dist.models.weights import require_frozen_weights
@@ -40,18 +44,13 @@ class CacheReport:
     out_dir: str
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
 def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dtype: str = "fp16",
                    device: str = "cpu", progress: bool = True) -> CacheReport:
     from tqdm import tqdm
 
     require_frozen_weights(cfg.model)
-    sources = resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)])
+    sources = resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)], cfg.data.retries,
+                              cfg.data.retry_backoff_s)
     check_sources_kind(sources, False, cfg.model)  # its input: images, not features
     shards = sorted({shard for source in sources for shard in source.shards})
     # A cc_sbu_align folder's virtual shards (FOLDER#alignK) become FOLDER-alignK.tar.
@@ -69,29 +68,29 @@ def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dty
             module.to(device=device, dtype=train_dtype).eval()
     transform = build_image_transform(cfg.model.vit.img_size)
     out_dtype = precision_dtype(store_dtype)
-    os.makedirs(out_dir, exist_ok=True)
+    remote_out = is_object_store_url(out_dir)
+    if not remote_out:
+        os.makedirs(out_dir, exist_ok=True)
     written, samples, skipped = [], 0, 0
     bar = tqdm(total=len(shards), desc="caching features", unit="shard", disable=not progress, file=sys.stderr)
     for shard, name in zip(shards, names):
-        final = os.path.join(out_dir, name if name.endswith(".tar") else name + ".tar")
-        tmp = final + ".tmp"
-        with tarfile.open(tmp, "w") as tar:
-            pending: list = []
+        writer = ShardWriter(join_url(out_dir, name if name.endswith(".tar") else name + ".tar"))
+        pending: list = []
 
-            def flush():
-                if not pending:
-                    return
-                images = torch.stack([image for _, image, _ in pending]).to(device)
-                features = compute_vision_features(vit, qformer, ln_vision, images).to(out_dtype).cpu()
-                for (key, _, raw), feats in zip(pending, features):
-                    _add(tar, f"{key}.{FEATURES_FIELD}", encode_features(feats))
-                    for field in ("json", "txt"):
-                        if field in raw:
-                            _add(tar, f"{key}.{field}", raw[field])
-                pending.clear()
+        def flush():
+            if not pending:
+                return
+            images = torch.stack([image for _, image, _ in pending]).to(device)
+            features = compute_vision_features(vit, qformer, ln_vision, images).to(out_dtype).cpu()
+            for (key, _, raw), feats in zip(pending, features):
+                members = [(f"{key}.{FEATURES_FIELD}", encode_features(feats))]
+                members += [(f"{key}.{field}", raw[field]) for field in ("json", "txt") if field in raw]
+                writer.add(members)
+            pending.clear()
 
+        try:
             try:
-                for raw in read_shard_samples(shard):
+                for raw in read_shard_samples(shard, cfg.data.retries, cfg.data.retry_backoff_s):
                     try:
                         # Captions stay raw (cleaning happens at training time); only validated here.
                         image, _ = decode_sample(raw, transform, clean=False, max_words=10**6)
@@ -107,15 +106,26 @@ def cache_features(cfg: JobConfig, out_dir: str, batch_size: int = 64, store_dty
                 skipped += 1
                 log.warning("skipping rest of %s: %s", shard, e)
             flush()
-        os.replace(tmp, final)
-        written.append(final)
+            written.append(writer.commit())
+        except BaseException:
+            writer.abort()
+            raise
         bar.update(1)
     bar.close()
-    with open(os.path.join(out_dir, FEATURES_JSON), "w") as f:
-        json.dump({"model": {**towers_summary(cfg.model), "vit_checkpoint": cfg.model.vit_checkpoint,
-                             "qformer_checkpoint": cfg.model.qformer_checkpoint},
-                   "features_shape": list(vision_feature_shape_of(cfg.model)),
-                   "dtype": store_dtype, "samples": samples, "skipped": skipped}, f, indent=1)
+    summary = {"model": {**towers_summary(cfg.model), "vit_checkpoint": cfg.model.vit_checkpoint,
+                         "qformer_checkpoint": cfg.model.qformer_checkpoint},
+               "features_shape": list(vision_feature_shape_of(cfg.model)),
+               "dtype": store_dtype, "samples": samples, "skipped": skipped}
+    if remote_out:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(summary, f, indent=1)
+        try:
+            upload_file(f.name, join_url(out_dir, FEATURES_JSON))
+        finally:
+            os.remove(f.name)
+    else:
+        with open(os.path.join(out_dir, FEATURES_JSON), "w") as f:
+            json.dump(summary, f, indent=1)
     return CacheReport(written, samples, skipped, out_dir)
 
 

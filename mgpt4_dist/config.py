@@ -112,6 +112,10 @@ class DataConfig:
     # > 0: sort windows of this many batches by caption length so batches pad less (0 = random
     # order, as the original; see BENCHMARKS.md "Padding waste" for what it saves).
     group_by_length: int = 0
+    # Remote shards (pipe:, http(s)://, s3://, ...): a broken read is retried this many times in a
+    # row, waiting retry_backoff_s, then twice that, ...; a shard still failing is skipped and counted.
+    retries: int = 3
+    retry_backoff_s: float = 1.0
 
 
 @dataclass
@@ -429,6 +433,8 @@ def validate(cfg: JobConfig) -> None:
                           "blocks into pieces; use parallel.zero_stage<=2 or parallel.backend=fsdp, or compile=false")
     if cfg.data.group_by_length < 0:
         raise ConfigError("data.group_by_length must be >= 0 (batches per sorting window; 0 = off)")
+    if cfg.data.retries < 0 or cfg.data.retry_backoff_s < 0:
+        raise ConfigError("data.retries and data.retry_backoff_s must be >= 0")
     if cfg.train.stop_at_step < 0 or cfg.train.global_batch_size < 0:
         raise ConfigError("train.stop_at_step and train.global_batch_size must be >= 0")
     if cfg.checkpoint.every_steps < 1:

@@ -15,7 +15,7 @@ import torch
 from mgpt4_dist.checkpoint.state import proj_state_for
 from mgpt4_dist.config import JobConfig, load_prompts, precision_dtype
 from mgpt4_dist.data import BadSampleError
-from mgpt4_dist.data.transforms import build_image_transform, decode_image
+from mgpt4_dist.data.transforms import build_image_transform, load_image_file
 from mgpt4_dist.errors import InvalidInputError, MissingFileError
 from mgpt4_dist.models.llm import load_tokenizer
 from mgpt4_dist.models.weights import require_frozen_weights
@@ -47,8 +47,7 @@ def load_images(spec: str, image_size: int) -> torch.Tensor:
     tensors = []
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                tensors.append(transform(decode_image(f.read())))
+            tensors.append(transform(load_image_file(path)))
         except FileNotFoundError:
             raise MissingFileError(f"--images: {path}: no such file") from None
         except BadSampleError as e:

@@ -14,11 +14,12 @@ import sys
 import time
 from typing import Optional
 
-# TensorBoard tag for each metric; data/skipped is the running count of bad samples.
+# TensorBoard tag for each metric; data/skipped is the running count of bad samples,
+# data/skipped_shards that of shards skipped because their source failed (missing, retries spent).
 TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "samples_per_s": "perf/samples_per_s", "tokens_per_s": "perf/tokens_per_s",
            "step_time_s": "perf/step_time_s", "data_wait_s": "perf/data_wait_s",
-           "max_mem_bytes": "perf/max_mem_bytes", "skipped": "data/skipped",
+           "max_mem_bytes": "perf/max_mem_bytes", "skipped": "data/skipped", "skipped_shards": "data/skipped_shards",
            "nonfinite_steps": "train/nonfinite_steps", "mfu": "perf/mfu", "fp16_skipped_steps": "train/fp16_skipped_steps", "flops_per_s": "perf/flops_per_s"}
 
 

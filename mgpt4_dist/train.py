@@ -129,7 +129,8 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
     rank, world = info.rank, info.world_size
     setup_logging(rank)
     accum = resolve_grad_accum(cfg, world)
-    sources = resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)])
+    sources = resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)], cfg.data.retries,
+                              cfg.data.retry_backoff_s)
     prompts = load_prompts(cfg.data)
     require_frozen_weights(cfg.model)
     check_sources_kind(sources, cfg.data.features, cfg.model)
@@ -169,11 +170,8 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
         log.info("resumed from %s at step %d", point.path, step)
 
     loader = build_batch_loader(
-        sources, rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-        resample=cfg.data.resample, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.vit.img_size,
-        clean_captions=cfg.data.clean_captions, max_caption_words=cfg.data.max_caption_words,
-        start=data_start, pin_memory=device.type == "cuda", features=cfg.data.features,
-        group_by_length=cfg.data.group_by_length)
+        cfg.data, sources, rank=rank, world_size=world, seed=cfg.train.seed, batch_size=cfg.train.micro_batch_size,
+        image_size=cfg.model.vit.img_size, start=data_start, pin_memory=device.type == "cuda")
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, enabled=rank == 0,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, resume_step=step)
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
@@ -247,6 +245,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
                 "step_time_s": step_time, "data_wait_s": dist.all_reduce_max(data_wait),
                 "max_mem_bytes": int(dist.all_reduce_max(peak_memory_bytes(device))),
                 "skipped": int(dist.all_reduce_sum(loader.skipped)), "nonfinite_steps": nonfinite_steps,
+                "skipped_shards": int(dist.all_reduce_sum(loader.skipped_shards)),
                 "fp16_skipped_steps": engine.skipped_steps(),
             })
         preempted = stop.agreed()

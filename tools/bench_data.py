@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_md import machine_line, write_section  # noqa: E402
 
+from mgpt4_dist.config import DataConfig
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
 from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards
 from mgpt4_dist.data.transforms import build_resize_transform, decode_image, normalize_images
@@ -40,9 +41,9 @@ def floor(jpegs: list, image_size: int, batch_size: int) -> float:
 
 
 def pipeline(pattern: str, workers: int, batches: int, batch_size: int, image_size: int) -> float:
-    loader = build_batch_loader(resolve_sources([(pattern, 1.0)]), rank=0, world_size=1, num_workers=workers, seed=0,
-                                resample=True, batch_size=batch_size, image_size=image_size, clean_captions=True,
-                                max_caption_words=50)
+    data = DataConfig(num_workers=workers, resample=True, clean_captions=True, max_caption_words=50)
+    loader = build_batch_loader(data, resolve_sources([(pattern, 1.0)]), rank=0, world_size=1, seed=0,
+                                batch_size=batch_size, image_size=image_size)
     next(loader)  # workers started, first batch in hand
     start = time.perf_counter()
     for _ in range(batches):

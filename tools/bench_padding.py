@@ -18,7 +18,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards, _raw_caption
+from mgpt4_dist.data.samples import raw_caption
+from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards
 from mgpt4_dist.data.text import blip_caption
 from mgpt4_dist.flops import FlopsModel
 
@@ -83,7 +84,7 @@ def main() -> None:
             for shard in expand_shard_pattern(args.shards):
                 for raw in read_shard_samples(shard):
                     try:
-                        captions.append(_raw_caption(raw, shard))
+                        captions.append(raw_caption(raw, shard))
                     except ValueError:
                         continue
                     if len(captions) >= args.samples:

@@ -103,6 +103,8 @@ def torchrun(nproc: int, args: list, env: dict) -> None:
 # --------------------------------------------------------------------------- (a) original-style worker
 
 def original_worker(overrides: list, steps: int, warmup: int, out: str, peak_flops: float) -> None:
+    import dataclasses
+
     import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
@@ -140,10 +142,10 @@ def original_worker(overrides: list, steps: int, warmup: int, out: str, peak_flo
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05)
     build = SequenceBuilder(load_tokenizer(cfg.model.llm_path), model.num_image_tokens, cfg.data.max_txt_len,
                             cfg.data.end_sym)
-    loader = build_batch_loader(resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)]),
-                                rank=info.rank, world_size=info.world_size, num_workers=cfg.data.num_workers,
-                                seed=cfg.train.seed, resample=True, batch_size=cfg.train.micro_batch_size,
-                                image_size=cfg.model.vit.img_size, clean_captions=True, max_caption_words=50)
+    data = dataclasses.replace(cfg.data, resample=True, clean_captions=True, max_caption_words=50)
+    loader = build_batch_loader(data, resolve_sources([(s.pattern, s.weight) for s in shard_sources(cfg.data)]),
+                                rank=info.rank, world_size=info.world_size, seed=cfg.train.seed,
+                                batch_size=cfg.train.micro_batch_size, image_size=cfg.model.vit.img_size)
     times, step_flops, step_tokens = [], [], []
     autocast = torch.autocast("cuda", dtype=half) if (on_gpu and half) else torch.autocast("cpu", enabled=False)
     for step in range(steps):

@@ -3,6 +3,12 @@
     mgpt4-make-shards --images DIR --captions captions.jsonl --out shards/
     mgpt4-make-shards --cc-sbu-align cc_sbu_align/ --out shards/ --prefix cc_sbu_align
     mgpt4-make-shards --synthetic 1000 --out shards/
+    mgpt4-make-shards --images DIR --captions captions.jsonl --out s3://bucket/shards
+
+A captions record may carry several reference captions (`"captions": [...]`, .jsonl/.json): they
+are written to KEY.json as `"captions"` beside `"caption"` (the first), for evaluation.
+`--out` may be an object-store URL (s3://, gs://, ...; credentials from the usual environment):
+each shard is uploaded when complete, never as a partial object.
 
 A thin layer over `make_shards`, which tests call directly. Captions are stored raw: cleaning
 happens at training time. Progress and skip warnings go to stderr; stdout gets one summary line.
@@ -18,8 +24,10 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 from mgpt4_dist.cli import ArgumentParser, examples, user_errors
-from mgpt4_dist.data.shards import (CaptionsFileError, Sample, iter_cc_sbu_align, iter_folder_captions,
-                                    synthetic_samples, write_shards)
+from mgpt4_dist.data import Sample
+from mgpt4_dist.data.remote import ShardUnavailableError, is_object_store_url, is_remote_url, join_url, list_object_store
+from mgpt4_dist.data.shards import synthetic_samples, write_shards
+from mgpt4_dist.data.sources import CaptionsFileError, iter_cc_sbu_align, iter_folder_captions
 from mgpt4_dist.errors import UserError
 
 PROG = "mgpt4-make-shards"
@@ -41,7 +49,7 @@ class ShardReport:
         span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
         noun = "shard" if len(names) == 1 else "shards"
         return (f"wrote {len(names)} {noun} ({self.samples} samples, {self.skipped} skipped) "
-                f"to {os.path.abspath(self.out_dir)} ({span})")
+                f"to {self.out_dir if is_remote_url(self.out_dir) else os.path.abspath(self.out_dir)} ({span})")
 
 
 def _open_source(images: Optional[str], captions: Optional[str], cc_sbu_align: Optional[str],
@@ -68,7 +76,22 @@ def _open_source(images: Optional[str], captions: Optional[str], cc_sbu_align: O
         raise InputError(str(e)) from e
 
 
+def _prepare_remote_out(out: str, prefix: str) -> None:
+    if not is_object_store_url(out):
+        raise InputError(f"--out {out}: write to a local folder or an object store (s3://, gs://, ...), "
+                         f"not a pipe: or http(s):// URL")
+    try:
+        existing = list_object_store(join_url(out, f"{prefix}-*.tar"))
+    except ShardUnavailableError as e:
+        raise InputError(f"--out {out}: cannot list it: {e}") from e
+    if existing:
+        raise InputError(f"--out {out} already holds {len(existing)} {prefix}-*.tar shard(s); "
+                         f"remove them or choose another --out or --prefix")
+
+
 def _prepare_out_dir(out: str, prefix: str) -> None:
+    if is_remote_url(out):
+        return _prepare_remote_out(out, prefix)
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out}: exists and is not a directory")
     # Shards left by an earlier run would be trained on alongside the new ones, unnoticed.
@@ -108,6 +131,8 @@ def make_shards(out: str, *, images: Optional[str] = None, captions: Optional[st
                               progress=progress, total=total)
     except CaptionsFileError as e:  # e.g. a captions file that is not UTF-8, found while reading it
         raise InputError(str(e)) from e
+    except ShardUnavailableError as e:  # an upload to --out failed (credentials, bucket, endpoint)
+        raise InputError(f"--out {out}: {e}") from e
     if not shards:
         raise InputError(f"no usable samples in {source} ({len(skipped)} skipped); nothing written")
     return ShardReport(out_dir=out, shards=shards, samples=count[0], skipped=len(skipped))
@@ -139,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="N generated pictures of coloured shapes with captions naming them")
     parser.add_argument("--captions", metavar="FILE",
                         help=".jsonl, .csv or .json records with an image file name (image, file, file_name or "
-                             "image_id) and a caption (caption or text)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+                             "image_id) and a caption (caption or text) or several reference captions "
+                             "(captions: a list, .jsonl/.json; the first one trains)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder (created if missing) or object-store URL (s3://bucket/prefix)")
     parser.add_argument("--prefix", default="shard", help="shard file names are PREFIX-000000.tar, ...")
     parser.add_argument("--samples-per-shard", type=_positive_int, default=1000, help="samples per .tar file")
     parser.add_argument("--seed", type=int, default=0, help="--synthetic only")

@@ -1,4 +1,4 @@
-"""The stage-1 training stream: webdataset shards → decoded, cleaned samples → batches, per rank.
+"""The training stream: webdataset shards → decoded, cleaned samples → batches, per rank.
 
 Every (rank, DataLoader worker) pair reads its own *stream*. A stream's content is a pure function
 of (seed, stream id, position), which gives exact resume without replaying data:
@@ -9,8 +9,12 @@ of (seed, stream id, position), which gives exact resume without replaying data:
 - `data.resample=false`: epochs; each epoch shuffles all shards (seeded by the epoch) and stream g
   of G reads shards g, g+G, ... so within a pass every sample is read exactly once.
 
-A stream's position is `{epoch, index, offset, skipped}`: the shard it is in, how many raw samples
-of that shard it has consumed, and how many bad samples it has skipped so far. Workers attach the
+A stream's position is `{epoch, index, offset, skipped, skipped_shards}`: the shard it is in, how
+many raw samples of that shard it has consumed, how many bad samples it has skipped so far, and how
+many shards it skipped because their source failed (missing, or still failing after
+`data.retries`; see `remote`). Every shard URL form (local, `pipe:`, HTTP(S), object store) is
+read the same way, so mixing, splitting and resume do not depend on where shards live; a resume
+inside a remote shard re-reads that shard from its start up to the offset (no decoding). Workers attach the
 position after each batch; the main process keeps the position of the last batch it consumed from
 each stream. DataLoader hands out batches from workers round-robin, so on resume the workers are
 rotated to continue exactly where the previous run's next batch would have come from.
@@ -33,15 +37,22 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mgpt4_dist.data.shards import (BadSampleError, decode_feature_sample, decode_sample, expand_shard_pattern,
-                                    read_shard_samples)
+from mgpt4_dist.config import DataConfig
+from mgpt4_dist.data import BadSampleError
+from mgpt4_dist.data.remote import ShardMissingError, ShardUnavailableError, is_remote_url
+from mgpt4_dist.data.samples import decode_feature_sample, decode_sample
+from mgpt4_dist.data.shards import expand_shard_pattern, read_shard_samples
 from mgpt4_dist.data.transforms import build_resize_transform, normalize_images
-from mgpt4_dist.errors import InvalidInputError, MissingFileError
+from mgpt4_dist.errors import InvalidInputError, MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
 # A stream that visits this many shards in a row without one good sample gives up.
 MAX_EMPTY_SHARDS_IN_ROW = 64
+# A source whose shards fail (missing, or failing after the retries) this many times in a row in a
+# stream, with no shard of it read in between (or all of its shards, if it has fewer), has failed
+# as a whole: the run stops with the cause instead of training on the other sources only.
+MAX_FAILED_SHARDS_IN_ROW = 8
 # Bad samples a stream names in the log; later ones are only counted. A bad sample met again on a
 # later resampled pass is never named twice. The count itself is printed once, in the progress line,
 # metrics.jsonl (`skipped`) and TensorBoard (data/skipped): the bad samples in the batches consumed
@@ -68,28 +79,46 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+class DataSourceError(UserError, RuntimeError):
+    """A shard source that cannot be read at all (wrong URL, missing credentials or tool, every shard failing)."""
+
+
 @dataclass
 class Source:
     shards: List[str]
     weight: float
+    pattern: str = ""
 
 
-def resolve_sources(patterns_and_weights: List[tuple]) -> List[Source]:
-    """Expand shard patterns; a pattern that matches nothing is an error before training starts."""
+def resolve_sources(patterns_and_weights: List[tuple], retries: int = 3, retry_backoff_s: float = 1.0) -> List[Source]:
+    """Expand shard patterns (listing object-store globs) and open the first shard of each remote
+    source, so a pattern that matches nothing, a wrong URL, missing credentials or a missing tool in
+    a `pipe:` command is an error naming the cause before training starts."""
     if not patterns_and_weights:
         raise InvalidInputError("data.shards is empty: give at least one shard pattern, e.g. "
                                 "data.shards=[/data/cc_sbu/{00000..01255}.tar] (mgpt4-make-shards writes shards)")
     sources = []
     for pattern, weight in patterns_and_weights:
+        if weight <= 0:
+            raise InvalidInputError(f"data.shards: weight of {pattern!r} must be > 0")
         try:
             shards = expand_shard_pattern(pattern)
+        except ShardUnavailableError as e:  # listing an object-store glob failed
+            raise DataSourceError(f"data.shards: {e}") from None
         except FileNotFoundError as e:
             raise MissingFileError(f"data.shards: {e}; check the path, or write shards with "
                                    f"mgpt4-make-shards") from None
-        if weight <= 0:
-            raise InvalidInputError(f"data.shards: weight of {pattern!r} must be > 0")
-        sources.append(Source(shards, float(weight)))
+        if is_remote_url(shards[0]):
+            _check_first_shard(pattern, shards[0], retries, retry_backoff_s)
+        sources.append(Source(shards, float(weight), pattern))
     return sources
+
+
+def _check_first_shard(pattern: str, shard: str, retries: int, retry_backoff_s: float) -> None:
+    try:
+        next(iter(read_shard_samples(shard, retries, retry_backoff_s)), None)
+    except (BadSampleError, OSError) as e:
+        raise DataSourceError(f"data.shards: {pattern!r}: cannot read its first shard: {e}") from None
 
 
 class ShardStream(IterableDataset):
@@ -98,8 +127,10 @@ class ShardStream(IterableDataset):
     def __init__(self, sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
                  resample: bool, batch_size: int, image_size: int, clean_captions: bool,
                  max_caption_words: int, start: Optional[dict] = None, features: bool = False,
-                 group_by_length: int = 0):
+                 group_by_length: int = 0, retries: int = 3, retry_backoff_s: float = 1.0):
         self.sources = sources
+        self.retries, self.retry_backoff_s = retries, retry_backoff_s
+        self.source_of = {shard: source for source in sources for shard in source.shards}
         self.group_by_length = group_by_length  # window in batches; 0 = batches in stream order
         self.features = features  # samples hold cached vision features instead of images
         self.rank, self.world_size = rank, world_size
@@ -147,7 +178,9 @@ class ShardStream(IterableDataset):
         Images are resized uint8 tensors (normalized per batch in `_batch`); features as stored."""
         transform = build_resize_transform(self.image_size)
         pos = dict(position)
+        pos.setdefault("skipped_shards", 0)
         empty_in_row = 0
+        failed_in_row: Dict[str, int] = {}  # per source pattern: failed shards since its last readable one
         warned: set = set()
 
         def warn(what: tuple, message: str) -> None:
@@ -166,8 +199,9 @@ class ShardStream(IterableDataset):
                 pos.update(epoch=pos["epoch"] + 1, index=0, offset=0)
                 continue
             good = 0
+            source = self.source_of.get(shard)
             try:
-                for n, raw in enumerate(read_shard_samples(shard)):
+                for n, raw in enumerate(read_shard_samples(shard, self.retries, self.retry_backoff_s)):
                     if n < pos["offset"]:
                         continue  # already consumed before a resume: skip without decoding
                     pos["offset"] = n + 1
@@ -182,9 +216,22 @@ class ShardStream(IterableDataset):
                         continue
                     good += 1
                     yield image, caption, raw.get("__key__", ""), dict(pos)
+            except (ShardMissingError, ShardUnavailableError) as e:
+                pos["skipped_shards"] += 1
+                # One warning per failed shard URL: its URL and cause are in the message.
+                if (shard, "failed") not in warned:
+                    warned.add((shard, "failed"))
+                    log.warning("stream %d: skipping shard %s (counted in skipped_shards): %s", stream, shard, e)
+                if source is not None:
+                    failed = failed_in_row[source.pattern] = failed_in_row.get(source.pattern, 0) + 1
+                    if failed >= min(len(source.shards), MAX_FAILED_SHARDS_IN_ROW):
+                        raise DataSourceError(f"data.shards: source {source.pattern!r} failed: {failed} of its "
+                                              f"shards in a row could not be read; last: {e}") from None
             except (BadSampleError, OSError) as e:
                 pos["skipped"] += 1
                 warn((shard, "rest"), f"rest of shard {shard}: {e}")
+            if source is not None and good:
+                failed_in_row[source.pattern] = 0
             empty_in_row = 0 if good else empty_in_row + 1
             if empty_in_row >= MAX_EMPTY_SHARDS_IN_ROW:
                 raise RuntimeError(f"stream {stream}: {empty_in_row} shards in a row gave no usable sample "
@@ -304,6 +351,11 @@ class BatchLoader:
     def skipped(self) -> int:
         return sum(p.get("skipped", 0) for p in self.positions.values())
 
+    @property
+    def skipped_shards(self) -> int:
+        """Shards skipped because their source failed, in the streams' consumed positions."""
+        return sum(p.get("skipped_shards", 0) for p in self.positions.values())
+
     def state_dict(self) -> dict:
         return {"positions": dict(self.positions), "batches": self.batches,
                 "num_workers": self.stream.num_workers, "world_size": self.stream.world_size}
@@ -333,6 +385,7 @@ def rescale_data_state(old_states: List[dict], rank: int, world_size: int, num_w
     # A position inside a grouping window has already consumed samples up to the window's end.
     positions = [p.get("window_end", p) for s in old_states for p in s.get("positions", {}).values()]
     skipped = sum(p.get("skipped", 0) for p in positions)
+    skipped_shards = sum(p.get("skipped_shards", 0) for p in positions)
     if resample:
         start = {"epoch": 0, "index": 1 + max((p["index"] for p in positions), default=-1), "offset": 0}
     else:
@@ -345,18 +398,22 @@ def rescale_data_state(old_states: List[dict], rank: int, world_size: int, num_w
     for role in range(workers):
         stream = rank * workers + role
         new[str(stream)] = {**start, "skipped": skipped if stream == 0 else 0}
+        if stream == 0 and skipped_shards:  # absent means 0 (checkpoints from before remote shards)
+            new[str(stream)]["skipped_shards"] = skipped_shards
     return {"positions": new, "batches": 0, "num_workers": workers, "world_size": world_size}
 
 
-def build_batch_loader(sources: List[Source], *, rank: int, world_size: int, num_workers: int, seed: int,
-                       resample: bool, batch_size: int, image_size: int, clean_captions: bool,
-                       max_caption_words: int, start: Optional[dict] = None,
-                       pin_memory: bool = False, features: bool = False, group_by_length: int = 0) -> BatchLoader:
+def build_batch_loader(data: DataConfig, sources: List[Source], *, rank: int, world_size: int, seed: int,
+                       batch_size: int, image_size: int, start: Optional[dict] = None,
+                       pin_memory: bool = False) -> BatchLoader:
+    """The batches of `rank` from `sources` (see `resolve_sources`) as `data` configures them."""
+    num_workers = data.num_workers
     if start and start.get("num_workers", num_workers or 1) != max(1, num_workers):
         log.warning("data.num_workers changed since the checkpoint (%s -> %s): streams restart from their "
                     "recorded positions where they exist", start.get("num_workers"), num_workers)
     stream = ShardStream(sources, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
-                         resample=resample, batch_size=batch_size, image_size=image_size,
-                         clean_captions=clean_captions, max_caption_words=max_caption_words, start=start,
-                         features=features, group_by_length=group_by_length)
+                         resample=data.resample, batch_size=batch_size, image_size=image_size,
+                         clean_captions=data.clean_captions, max_caption_words=data.max_caption_words, start=start,
+                         features=data.features, group_by_length=data.group_by_length, retries=data.retries,
+                         retry_backoff_s=data.retry_backoff_s)
     return BatchLoader(stream, num_workers, pin_memory)

@@ -1,4 +1,6 @@
-"""The image side of a sample: bytes to a fully decoded PIL image, and PIL image to model input.
+"""The image side of a sample: bytes or an image file to a fully decoded PIL image (the one image
+loader of the package: shards, caption-file ingest, mgpt4-eval-loss and chat all decode through
+`decode_image`), and PIL image to model input.
 
 Owns the MiniGPT-4 image transform: a square bicubic resize that neither keeps the aspect ratio nor
 crops, then CLIP normalization. It is deterministic and the same for training and evaluation.
@@ -68,3 +70,9 @@ def decode_image(data: bytes) -> Image.Image:
         return _to_rgb(image)
     except Exception as e:  # PIL's format plugins raise OSError, SyntaxError, ValueError, struct.error...
         raise BadSampleError(f"undecodable or truncated image ({type(e).__name__}: {e})") from e
+
+
+def load_image_file(path: str) -> Image.Image:
+    """`decode_image` of a file's bytes; FileNotFoundError if it is missing, BadSampleError if it does not decode."""
+    with open(path, "rb") as f:
+        return decode_image(f.read())

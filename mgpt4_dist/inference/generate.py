@@ -26,17 +26,14 @@ def load_image(path: str, image_size: int) -> torch.Tensor:
     """[1, 3, H, W] with the training transform (square bicubic resize, CLIP normalisation)."""
     import os
 
-    from PIL import Image, UnidentifiedImageError
-
-    from mgpt4_dist.data.transforms import build_image_transform
+    from mgpt4_dist.data import BadSampleError
+    from mgpt4_dist.data.transforms import build_image_transform, load_image_file
 
     if not os.path.isfile(path):
         raise ImageError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            image = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        image = load_image_file(path)
+    except (BadSampleError, OSError) as e:
         raise ImageError(f"cannot read image {path}: {e}") from None
     return build_image_transform(image_size)(image).unsqueeze(0)
 

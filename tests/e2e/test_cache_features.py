@@ -8,7 +8,8 @@ import torch
 
 from helpers import TINY_STAGE1, read_metrics
 from mgpt4_dist.config import load_config
-from mgpt4_dist.data.shards import decode_feature_sample, decode_sample, read_shard_samples
+from mgpt4_dist.data.samples import decode_feature_sample, decode_sample
+from mgpt4_dist.data.shards import read_shard_samples
 from mgpt4_dist.data.transforms import build_image_transform
 from mgpt4_dist.models.minigpt4 import build_vision_towers, compute_vision_features
 
@@ -52,7 +53,7 @@ def test_training_on_features_matches_training_on_images(tiny_assets, cached, ru
 
 def test_image_shards_with_features_flag_are_a_counted_error(tiny_assets):
     raw = next(read_shard_samples(tiny_assets["shards_pattern"].replace("*", "shard-000000")))
-    from mgpt4_dist.data.shards import BadSampleError
+    from mgpt4_dist.data import BadSampleError
 
     with pytest.raises(BadSampleError, match="mgpt4-cache-features"):
         decode_feature_sample(raw, clean=True, max_words=50)

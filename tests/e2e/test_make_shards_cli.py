@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mgpt4_dist.cli.make_shards import InputError, make_shards
+from mgpt4_dist.data.samples import decode_sample, sample_references
 from mgpt4_dist.data.shards import read_shard_samples
 
 
@@ -61,12 +62,19 @@ def test_folder_source_counts_skipped_samples(tmp_path, capsys):
     (images / "b.jpg").write_bytes(_jpeg("blue"))
     captions = tmp_path / "captions.jsonl"
     captions.write_text("\n".join(json.dumps(r) for r in [
-        {"image": "a.jpg", "caption": "red"}, {"image": "b.jpg", "caption": "blue"},
+        {"image": "a.jpg", "caption": "red"}, {"image": "b.jpg", "captions": ["Blue.", "A blue square.", "blue"]},
         {"image": "gone.jpg", "caption": "missing"}]))
     report = make_shards(str(tmp_path / "out"), images=str(images), captions=str(captions), progress=False)
     assert (report.samples, report.skipped, len(report.shards)) == (2, 1, 1)
     assert report.summary() == (f"wrote 1 shard (2 samples, 1 skipped) to {tmp_path / 'out'} (shard-000000.tar)")
     assert "gone.jpg" in capsys.readouterr().err
+    # Several reference captions: KEY.json holds them all, "caption" (what training reads) the first.
+    raws = {raw["__key__"]: raw for raw in read_shard_samples(report.shards[0])}
+    assert json.loads(raws["b"]["json"]) == {"captions": ["Blue.", "A blue square.", "blue"], "caption": "Blue.",
+                                             "key": "b"}
+    assert raws["b"]["txt"] == b"Blue." and "captions" not in json.loads(raws["a"]["json"])
+    assert [sample_references(raws[k]) for k in ("a", "b")] == [["red"], ["Blue.", "A blue square.", "blue"]]
+    assert decode_sample(raws["b"], lambda image: image.size, clean=True, max_words=50) == ((8, 8), "blue")
 
 
 def test_cc_sbu_align_source_with_prefix(tmp_path):

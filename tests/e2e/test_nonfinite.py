@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import TINY_STAGE1, read_metrics
-from mgpt4_dist.data.shards import FEATURES_FIELD, encode_features
+from mgpt4_dist.data.samples import FEATURES_FIELD, encode_features
 
 TOKENS, WIDTH = 32, 64  # the tiny config's Q-Former output
 

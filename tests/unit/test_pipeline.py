@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mgpt4_dist.config import DataConfig
 from mgpt4_dist.data.pipeline import ShardStream, build_batch_loader, resolve_sources
 from mgpt4_dist.data.shards import synthetic_samples, write_shards
 
@@ -22,9 +23,10 @@ def shard_dir(tmp_path_factory):
 
 
 def loader(sources, start=None, num_workers=0, rank=0, world_size=1, resample=True, batch_size=4, group=0):
-    return build_batch_loader(sources, rank=rank, world_size=world_size, num_workers=num_workers, seed=7,
-                              resample=resample, batch_size=batch_size, image_size=IMAGE_SIZE,
-                              clean_captions=True, max_caption_words=50, start=start, group_by_length=group)
+    data = DataConfig(num_workers=num_workers, resample=resample, clean_captions=True, max_caption_words=50,
+                      group_by_length=group)
+    return build_batch_loader(data, sources, rank=rank, world_size=world_size, seed=7, batch_size=batch_size,
+                              image_size=IMAGE_SIZE, start=start)
 
 
 @pytest.mark.parametrize("num_workers,group", [(0, 0), (2, 0), (0, 3), (2, 3)])

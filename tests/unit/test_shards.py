@@ -1,4 +1,4 @@
-"""Shards end to end on real files: writing, finding, reading (also damaged tars), decoding, sources."""
+"""Shards end to end on real files: writing, finding, reading (also damaged tars), synthetic samples."""
 import csv
 import io
 import json
@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mgpt4_dist.data.shards import (SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, BadSampleError, CaptionsFileError,
-                                    decode_sample, expand_shard_pattern, iter_cc_sbu_align, iter_folder_captions,
-                                    read_shard_samples, synthetic_samples, write_shards)
+from mgpt4_dist.data import BadSampleError
+from mgpt4_dist.data.samples import decode_sample
+from mgpt4_dist.data.shards import (SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, expand_shard_pattern, read_shard_samples,
+                                    synthetic_samples, write_shards)
 from mgpt4_dist.data.transforms import build_image_transform
 
 TRANSFORM = build_image_transform(16)
@@ -191,55 +192,6 @@ def test_missing_shard_raises_file_not_found(tmp_path):
         list(read_shard_samples(str(tmp_path / "gone.tar")))
 
 
-# ------------------------------------------------------------------------------------ decoding samples
-
-def test_img2dataset_style_shard_decodes(tmp_path):
-    meta = {"url": "http://example.com/1.jpg", "key": "00000001", "status": "success", "error_message": None,
-            "width": 12, "height": 10, "original_width": 640, "original_height": 480, "exif": "{}",
-            "sha256": "0" * 64, "caption": "A Red Square!"}
-    path = _tar(tmp_path / "00000.tar", [
-        ("00000001.jpg", _image_bytes("red")), ("00000001.txt", b"A Red Square!"),
-        ("00000001.json", json.dumps(meta).encode()),
-        # No caption column at download time: json caption is null, the caption is in txt.
-        ("00000002.jpg", _image_bytes("blue")), ("00000002.txt", b"Blue."),
-        ("00000002.json", json.dumps({**meta, "key": "00000002", "caption": None}).encode()),
-        ("00000003.png", _image_bytes("green", "PNG")), ("00000003.txt", b"green, png"),
-    ])
-    decoded = {raw["__key__"]: decode_sample(raw, TRANSFORM, clean=True, max_words=50)
-               for raw in read_shard_samples(path)}
-    assert {key: caption for key, (_, caption) in decoded.items()} == {
-        "00000001": "a red square", "00000002": "blue", "00000003": "green, png"}
-    red = decoded["00000001"][0]
-    assert red[0].mean() > red[2].mean()  # the red image is red
-
-
-@pytest.mark.parametrize("fields, problem", [
-    ({"json": b'{"caption": "x"}'}, "no image"),
-    ({"jpg": b"\xff\xd8\xff garbage", "json": b'{"caption": "x"}'}, "undecodable or truncated image"),
-    ({"jpg": "TRUNCATED", "json": b'{"caption": "x"}'}, "truncated"),
-    ({"jpg": "OK"}, "missing or empty caption"),
-    ({"jpg": "OK", "json": b'{"url": "u"}'}, "missing or empty caption"),
-    ({"jpg": "OK", "json": b'{"caption": "  "}', "txt": b""}, "missing or empty caption"),
-    ({"jpg": "OK", "json": b'{"caption": '}, "bad JSON"),
-    ({"jpg": "OK", "json": b'["caption"]'}, "bad JSON"),
-    ({"jpg": "OK", "json": b'{"caption": 7}'}, "not a string"),
-    ({"jpg": "OK", "txt": b"\xff\xfe"}, "not UTF-8"),
-    ({"jpg": "OK", "txt": b"..."}, "empty after cleaning"),
-])
-def test_bad_samples_raise_bad_sample_error_naming_key_and_problem(fields, problem):
-    good = _image_bytes("red")
-    images = {"OK": good, "TRUNCATED": good[: len(good) // 2]}
-    raw = _raw("sample42", **{k: images.get(v, v) for k, v in fields.items()})
-    with pytest.raises(BadSampleError) as info:
-        decode_sample(raw, TRANSFORM, clean=True, max_words=50)
-    assert "'sample42'" in str(info.value) and problem in str(info.value)
-
-
-def test_raw_caption_is_kept_when_not_cleaning():
-    raw = _raw(jpg=_image_bytes("red"), json=json.dumps({"caption": "Keep THIS (as is)."}).encode())
-    assert decode_sample(raw, TRANSFORM, clean=False, max_words=1)[1] == "Keep THIS (as is)."
-
-
 # ------------------------------------------------------------------------------------ finding shards
 
 @pytest.fixture
@@ -317,100 +269,3 @@ def test_synthetic_samples_are_seeded_varied_and_keyed():
                         "_", c.lower()) for c in captions}
     assert len(skeletons) >= 6
     assert not re.search(r"\ba (?=[aeiou])", " ".join(captions).lower())  # "an orange", never "a orange"
-
-
-# ------------------------------------------------------------------------------------ sources
-
-@pytest.fixture
-def image_dir(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "a.jpg").write_bytes(_image_bytes("red"))
-    (images / "b.png").write_bytes(_image_bytes("blue", "PNG"))
-    (images / "c.jpg").write_bytes(_image_bytes("green")[:30])  # truncated
-    (images / "1234.jpg").write_bytes(_image_bytes("white"))
-    (images / "photo.v2.jpg").write_bytes(_image_bytes("black"))
-    return images
-
-
-def _check_folder_samples(samples, skipped):
-    by_key = {key: (jpeg, caption) for key, jpeg, caption in samples}
-    assert list(by_key) == ["a", "b", "1234", "photo_v2", "a_1"]
-    assert by_key["a"][1] == "A red image." and by_key["a_1"][1] == "A second caption for a."
-    assert all(jpeg.startswith(b"\xff\xd8\xff") for jpeg, _ in by_key.values())  # the PNG was re-encoded
-    assert by_key["a"][0] == _image_bytes("red")  # JPEGs are kept byte for byte
-    blue = Image.open(io.BytesIO(by_key["b"][0])).convert("RGB").getpixel((5, 5))
-    assert _nearest_colour(blue) == "blue"
-    assert any("c.jpg" in reason for reason in skipped)
-    assert any("'missing.jpg' not found" in reason for reason in skipped)
-
-
-def test_folder_with_jsonl_captions(image_dir, tmp_path, capsys):
-    rows = [{"image": "a.jpg", "caption": "A red image."}, {"file_name": "b.png", "text": "Blue."},
-            {"file": "c.jpg", "caption": "broken"}, {"image": "missing.jpg", "caption": "gone"},
-            {"image_id": 1234, "caption": "an id without extension"}, {"image": "photo.v2.jpg", "caption": "dots"},
-            {"image": "a.jpg", "caption": "A second caption for a."}, {"image": "a.jpg"}, ["not", "an", "object"]]
-    captions = tmp_path / "captions.jsonl"
-    captions.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n\n")
-    skipped = []
-    samples = list(iter_folder_captions(str(image_dir), str(captions), skipped))
-    _check_folder_samples(samples, skipped)
-    assert len(skipped) == 5  # c.jpg, missing.jpg, no caption, a list, broken JSON
-    assert capsys.readouterr().err.count("warning: skipping") == 5
-
-
-def test_folder_with_csv_captions(image_dir, tmp_path):
-    captions = tmp_path / "captions.csv"
-    with open(captions, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "caption", "source"])
-        for name, caption in [("a.jpg", "A red image."), ("b.png", "Blue, with a comma"), ("c.jpg", "broken"),
-                              ("missing.jpg", "gone"), ("1234", "by stem"), ("photo.v2.jpg", "dots"),
-                              ("a.jpg", "A second caption for a."), ("a.jpg", "")]:
-            writer.writerow([name, caption, "test"])
-    skipped = []
-    samples = list(iter_folder_captions(str(image_dir), str(captions), skipped))
-    _check_folder_samples(samples, skipped)
-    assert len(skipped) == 3
-
-
-def test_captions_file_problems_are_reported_before_any_sample(image_dir, tmp_path):
-    bad_header = tmp_path / "bad.csv"
-    bad_header.write_text("path,label\na.jpg,red\n")
-    with pytest.raises(CaptionsFileError, match="CSV header needs an image column"):
-        iter_folder_captions(str(image_dir), str(bad_header))
-    tsv = tmp_path / "captions.tsv"
-    tsv.write_text("image\tcaption\na.jpg\tred\n")
-    with pytest.raises(CaptionsFileError, match="unknown captions format"):
-        iter_folder_captions(str(image_dir), str(tsv))
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        iter_folder_captions(str(image_dir), str(tmp_path / "nope.jsonl"))
-    with pytest.raises(FileNotFoundError, match="no-dir"):
-        iter_folder_captions(str(tmp_path / "no-dir"), str(bad_header))
-
-
-def test_cc_sbu_align_layout(tmp_path):
-    root = tmp_path / "cc_sbu_align"
-    (root / "image").mkdir(parents=True)
-    (root / "image" / "2.jpg").write_bytes(_image_bytes("red"))
-    (root / "image" / "3.jpg").write_bytes(_image_bytes("blue"))
-    annotations = [{"image_id": "2", "caption": "The image shows a red wall. It is plain."},
-                   {"image_id": "3", "caption": "A blue picture."},
-                   {"image_id": "4", "caption": "Its image file is missing."}]
-    (root / "filter_cap.json").write_text(json.dumps({"annotations": annotations}))
-    skipped = []
-    samples = list(iter_cc_sbu_align(str(root), skipped))
-    assert [(k, c) for k, _, c in samples] == [("2", annotations[0]["caption"]), ("3", "A blue picture.")]
-    assert samples[0][1] == _image_bytes("red")
-    assert len(skipped) == 1 and "'4' not found" in skipped[0]
-
-
-def test_cc_sbu_align_problems_raise_before_any_sample(tmp_path):
-    root = tmp_path / "cc"
-    root.mkdir()
-    with pytest.raises(FileNotFoundError, match="filter_cap.json"):
-        iter_cc_sbu_align(str(root))
-    (root / "filter_cap.json").write_text(json.dumps([{"image_id": "2", "caption": "x"}]))
-    (root / "image").mkdir()
-    with pytest.raises(CaptionsFileError, match="annotations"):
-        iter_cc_sbu_align(str(root))

@@ -7,6 +7,7 @@ import time
 import psutil
 import pytest
 
+from mgpt4_dist.config import DataConfig
 from mgpt4_dist.data.pipeline import STOP_SIGNALS, build_batch_loader, resolve_sources
 from mgpt4_dist.data.shards import synthetic_samples, write_shards
 
@@ -20,8 +21,8 @@ def sources(tmp_path_factory):
 
 def test_workers_ignore_stop_signals_and_close_ends_them(sources):
     before = {p.pid for p in psutil.Process().children()}
-    loader = build_batch_loader(sources, rank=0, world_size=1, num_workers=2, seed=7, resample=True, batch_size=4,
-                                image_size=32, clean_captions=True, max_caption_words=50)
+    loader = build_batch_loader(DataConfig(num_workers=2, resample=True), sources, rank=0, world_size=1, seed=7,
+                                batch_size=4, image_size=32)
     next(loader)
     workers = [p for p in psutil.Process().children() if p.pid not in before]
     assert len(workers) == 2
