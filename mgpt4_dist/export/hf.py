@@ -47,7 +47,7 @@ class UnsupportedForHFError(UserError, ValueError):
     """A model transformers has no exact class for."""
 
 
-# --------------------------------------------------------------------------- tensor names
+# --------------------------------------------------------------------------- the one LayerNorm eps
 
 def ln_vision_eps_bound(tokens_BND: torch.Tensor, used_eps: float, wanted_eps: float) -> float:
     """Largest relative change of a normalised value when LayerNorm uses `used_eps` instead of
@@ -137,8 +137,9 @@ def _check_exportable(cfg: JobConfig, source: _Source) -> None:
         for name in ("llm_path", "vit_checkpoint", "qformer_checkpoint"):
             value = getattr(cfg.model, name)
             if value and not os.path.exists(value):
-                raise InvalidInputError(f"model.{name}={value} does not exist here; pass model.{name}=PATH "
-                                        f"(with --config) or move the weights back")
+                raise InvalidInputError(f"model.{name}={value} (from {source.description}) does not exist here: "
+                                        f"export with --config CONFIG.yaml model.proj_checkpoint=FOLDER and "
+                                        f"model.{name}=PATH, or move the weights back")
 
 
 def _our_tensors(source: _Source) -> Tuple[int, Callable[[], Iterator[Tuple[str, torch.Tensor]]]]:

@@ -157,13 +157,15 @@ def test_post_layernorm_eps_stays_within_the_bound(exported, image, capsys):
     assert relative <= bound * (1 + 1e-3) + 1e-6
 
 
-def test_consolidated_folder_exports_the_same_tensors(exported, tmp_path):
+def test_consolidated_folders_export_the_same_tensors(exported, tiny_trained_run, tmp_path):
+    """A consolidated folder (frozen weights named by its config) and a `--full` one (frozen weights inside)."""
     from safetensors import safe_open
 
+    from mgpt4_dist.consolidate import consolidate
     from mgpt4_dist.export.hf import export_hf
 
-    out = str(tmp_path / "hf")
-    export_hf(exported["consolidated"], out, progress=False)
+    full = str(tmp_path / "full")
+    consolidate(tiny_trained_run, full, full=True)
 
     def tensors(folder):
         result = {}
@@ -173,8 +175,12 @@ def test_consolidated_folder_exports_the_same_tensors(exported, tmp_path):
                     result.update({k: f.get_tensor(k) for k in f.keys()})
         return result
 
-    a, b = tensors(exported["hf"]), tensors(out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    expected = tensors(exported["hf"])
+    for source in (exported["consolidated"], full):
+        out = str(tmp_path / f"hf_{os.path.basename(source)}")
+        export_hf(source, out, progress=False)
+        got = tensors(out)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_original_file_layouts_export_with_our_logits(tiny_assets, tiny_trained_run, image, tmp_path):
