@@ -19,6 +19,16 @@ def tiny_assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_trained_run(tiny_assets, run_train, tmp_path_factory):
+    """A 2-step tiny stage-1 run (one process, a high lr so llama_proj moves), shared by the export tests;
+    tests read it and write elsewhere."""
+    run_dir = str(tmp_path_factory.mktemp("tiny_trained") / "run")
+    run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=2",
+               "optim.lr=3e-3"], launcher="none")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def run_train():
     """Run mgpt4-train as a user would: `deepspeed`, `torchrun` or a plain process."""
 

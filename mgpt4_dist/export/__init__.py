@@ -3,6 +3,7 @@
 - `consolidate`: a step folder -> an fp32 inference folder (`mgpt4-consolidate`);
 - `proj_file`: the trained projection as one file, the original MiniGPT-4 `.pth` or safetensors
   (`mgpt4-export`);
+- `hf`: a transformers `Blip2ForConditionalGeneration` folder (`mgpt4-export --format hf`);
 - `inference_config`: the run config a checkpoint was trained with, and the `config.json` an
   exported folder or file carries for `mgpt4_dist.inference.load_model`.
 

@@ -3,10 +3,13 @@
 The folder holds the trained projection (`model.safetensors`) and the run's model config; the
 frozen towers and the LLM come from the weight paths in that config (override them when the
 folder moved to another machine), or from the folder itself when it was written with `--full`.
+A transformers export (`mgpt4-export --format hf`) loads too: its tensors are mapped back onto
+MiniGPT4 (`mgpt4_dist.models.hf_blip2`), so chat runs the same code on either folder.
 No DeepSpeed, no process group.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -127,6 +130,8 @@ def load_model(path: str, device: Union[str, torch.device] = "cpu", dtype: Union
     device = check_device(device)
     dtype = _resolve_dtype(dtype, device)
     check_quantization(quantization, device)
+    if is_hf_export(path):
+        return _load_hf_export(path, device, dtype, quantization)
     cfg, info = read_consolidated_config(path)
     full = bool(info.get("full"))
     if full:
@@ -196,3 +201,69 @@ def _load_full_weights(model: torch.nn.Module, path: str) -> None:
                 for key in keys:
                     if key in expected:
                         expected[key].copy_(f.get_tensor(key))
+
+
+# --------------------------------------------------------------------------- transformers exports
+
+def is_hf_export(path: str) -> bool:
+    """A folder written by `mgpt4-export --format hf` (a transformers BLIP-2 folder)."""
+    conf = os.path.join(path, "config.json")
+    if not os.path.isfile(conf):
+        return False
+    try:
+        with open(conf) as f:
+            return json.load(f).get("model_type") == "blip-2"
+    except (OSError, ValueError):
+        return False
+
+
+def _load_hf_export(path: str, device: torch.device, dtype: torch.dtype, quantization: Optional[str]) -> LoadedModel:
+    """MiniGPT4 from a transformers export: towers and LLM built to its config, every tensor read
+    back by name, strictly; the image token's extra LLM row is dropped."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from mgpt4_dist.models.hf_blip2 import from_hf_tensors, model_config_from_hf
+    from mgpt4_dist.models.llm import PAD_TOKEN, choose_attn_impl
+    from mgpt4_dist.errors import CheckpointMismatchError
+    from mgpt4_dist.models.minigpt4 import MiniGPT4, build_vision_towers
+    from mgpt4_dist.models.weights import ShardReader, weight_shards
+
+    if quantization not in (None, "", "none"):
+        raise InvalidInputError(f"{path}: {quantization} weights of a transformers export: load it with transformers "
+                                f"(BitsAndBytesConfig), or quantize the consolidated folder it came from")
+    config = AutoConfig.from_pretrained(path)
+    text = config.text_config
+    image_id = config.image_token_index
+    if text.model_type != "llama" or image_id is None or image_id != text.vocab_size - 1:
+        raise InvalidInputError(f"{path}: a BLIP-2 folder, but not one written by mgpt4-export --format hf (needs a "
+                                f"LLaMA text model and the image token as the last vocabulary id)")
+    cfg = JobConfig()
+    cfg.model = model_config_from_hf(config)
+    cfg.model.llm_path = path
+    vit, qformer, _ = build_vision_towers(cfg.model, seed=cfg.train.seed)  # every tensor is overwritten below
+    text = copy.deepcopy(text)
+    text.vocab_size = image_id
+    text._attn_implementation = choose_attn_impl(cfg.model.attn_impl, device.type)
+    llm = LlamaForCausalLM._from_config(text, dtype=dtype)
+    model = MiniGPT4(vit, qformer, llm)
+    expected = model.state_dict()
+    _, weight_map = weight_shards(path, "transformers export")
+    reader = ShardReader(weight_map)
+    found = set()
+    with torch.no_grad():
+        for name, tensor in from_hf_tensors(((k, reader.get(k)) for k in sorted(weight_map, key=weight_map.get)),
+                                            vocab_size=image_id):
+            if name not in expected or expected[name].shape != tensor.shape:
+                want = tuple(expected[name].shape) if name in expected else "no such tensor"
+                raise CheckpointMismatchError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model: {want}")
+            expected[name].copy_(tensor)
+            found.add(name)
+    missing = [k for k in expected if k not in found and not k.endswith("inv_freq")]
+    if missing:
+        raise CheckpointMismatchError(f"{path}: the export lacks {len(missing)} tensors (e.g. {missing[:3]})")
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token != PAD_TOKEN:
+        tokenizer.pad_token = PAD_TOKEN
+    log.info("loaded transformers export %s (%s)", path, dtype)
+    return LoadedModel(model, tokenizer, cfg, "vicuna0", device)

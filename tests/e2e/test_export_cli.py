@@ -12,11 +12,8 @@ pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_assets, run_train, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("export") / "run")
-    run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=2",
-               "optim.lr=3e-3"], launcher="none")
-    return run_dir
+def trained_run(tiny_trained_run):
+    return tiny_trained_run
 
 
 def export(*args):
