@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--prompt, else an interactive session (empty line, /quit or Ctrl-D ends; /reset starts over).",
         epilog=examples("mgpt4-chat --model exported/ --image cat.jpg --prompt 'What is in the picture?'",
                         "mgpt4-chat --model exported/ --image cat.jpg --temperature 0   # interactive, greedy"))
-    p.add_argument("--model", required=True, help="folder written by mgpt4-consolidate (not a training step folder)")
+    p.add_argument("--model", required=True, help="folder written by mgpt4-consolidate or mgpt4-export --format hf "
+                                                   "(not a training step folder)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", default=None, help="answer this one question and exit (default: interactive)")
     p.add_argument("--max-new-tokens", type=int, default=300, help="longest answer in tokens")

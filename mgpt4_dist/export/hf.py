@@ -26,8 +26,8 @@ tensor by tensor from its shards, and output shards are written as they fill.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -37,8 +37,6 @@ import torch
 from mgpt4_dist.config import JobConfig
 from mgpt4_dist.errors import InvalidInputError, UserError
 from mgpt4_dist.models.hf_blip2 import IMAGE_TOKEN, to_hf_tensors
-
-log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
 
@@ -200,6 +198,9 @@ def build_hf_config(cfg: JobConfig, llm_dir: str, image_token_id: int, pad_token
     text = AutoConfig.from_pretrained(llm_dir)
     if text.model_type != "llama":
         raise UnsupportedForHFError(f"{llm_dir}: a {text.model_type} LLM; the export maps a LLaMA text model")
+    if text.vocab_size != image_token_id:
+        raise UnsupportedForHFError(f"{llm_dir}: the LLM has {text.vocab_size} vocabulary rows but its tokenizer "
+                                    f"{image_token_id} tokens; the image token must take the id right after both")
     text.vocab_size = image_token_id + 1
     text.pad_token_id = pad_token_id
     config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
@@ -330,8 +331,6 @@ def export_hf(checkpoint: Optional[str], out_dir: str, cfg: Optional[JobConfig] 
               shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> dict:
     """Write the transformers folder; `checkpoint` is a run, step or consolidated folder, or None
     with `cfg` naming the original weight files. Returns {'source', 'out', 'files', 'tensors', 'bytes'}."""
-    from tqdm import tqdm
-
     source = _resolve_source(checkpoint, cfg)
     cfg = source.cfg
     _check_exportable(cfg, source)
@@ -340,7 +339,20 @@ def export_hf(checkpoint: Optional[str], out_dir: str, cfg: Optional[JobConfig] 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise InvalidInputError(f"--out {out_dir}: the folder is not empty; give a new or empty folder")
     os.makedirs(out_dir, exist_ok=True)
+    try:
+        return _write(source, out_dir, shard_bytes, progress)
+    except BaseException:
+        # The folder was new or empty: a half-written export must not look like a model.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
+
+def _write(source: _Source, out_dir: str, shard_bytes: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    from mgpt4_dist.models.loading import CheckpointMismatchError
+
+    cfg = source.cfg
     processor = build_processor(cfg, source.llm_dir)
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -356,13 +368,14 @@ def export_hf(checkpoint: Optional[str], out_dir: str, cfg: Optional[JobConfig] 
         if want is None:
             raise ValueError(f"{name}: not a tensor of Blip2ForConditionalGeneration (mapping out of date?)")
         if tuple(tensor.shape) != want:
-            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, transformers expects {want}")
+            raise CheckpointMismatchError(f"{name}: shape {tuple(tensor.shape)} in the weights, {want} in the config "
+                                          f"({source.description}): the weight files do not fit the model config")
         writer.add(name, tensor)
         written.add(name)
     bar.close()
     missing = sorted(set(expected) - written)
     if missing:
-        raise ValueError(f"the export lacks {len(missing)} tensors transformers needs (e.g. {missing[:3]})")
+        raise CheckpointMismatchError(f"the weights lack {len(missing)} tensors transformers needs (e.g. {missing[:3]})")
     files = writer.finish()
 
     config.dtype = _llm_dtype(source.llm_dir)

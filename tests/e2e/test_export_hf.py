@@ -176,6 +176,10 @@ def test_consolidated_folders_export_the_same_tensors(exported, tiny_trained_run
         return result
 
     expected = tensors(exported["hf"])
+    from mgpt4_dist.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="not empty"):  # never mixed into an existing folder
+        export_hf(exported["consolidated"], exported["hf"], progress=False)
     for source in (exported["consolidated"], full):
         out = str(tmp_path / f"hf_{os.path.basename(source)}")
         export_hf(source, out, progress=False)
