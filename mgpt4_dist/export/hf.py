@@ -350,7 +350,7 @@ def export_hf(checkpoint: Optional[str], out_dir: str, cfg: Optional[JobConfig] 
 def _write(source: _Source, out_dir: str, shard_bytes: int, progress: bool) -> dict:
     from tqdm import tqdm
 
-    from mgpt4_dist.models.loading import CheckpointMismatchError
+    from mgpt4_dist.errors import CheckpointMismatchError
 
     cfg = source.cfg
     processor = build_processor(cfg, source.llm_dir)
