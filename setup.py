@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # Caption metrics (BLEU-4, CIDEr-D) for eval.* during training and mgpt4-eval.
+        "eval": ["pycocoevalcap>=1.2"],
+        "dev": ["pytest>=7", "pytest-timeout", "pycocoevalcap>=1.2"],
     },
     entry_points={
         "console_scripts": [
@@ -31,6 +33,7 @@ setup(
             "mgpt4-make-shards=mgpt4_dist.cli.make_shards:main",
             "mgpt4-make-tiny-assets=mgpt4_dist.cli.make_tiny_assets:main",
             "mgpt4-eval-loss=mgpt4_dist.cli.eval_loss:main",
+            "mgpt4-eval=mgpt4_dist.cli.eval:main",
             "mgpt4-export=mgpt4_dist.cli.export:main",
             "mgpt4-apply-delta=mgpt4_dist.cli.apply_delta:main",
             "mgpt4-import-config=mgpt4_dist.cli.import_config:main",
