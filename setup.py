@@ -35,10 +35,12 @@ setup(
         "flash": ["flash-attn>=2.5"],
         # s3:// and gs:// shards (data.shards, mgpt4-make-shards/mgpt4-cache-features --out).
         "remote": ["s3fs>=2026.9.0", "gcsfs"],
+        # Caption metrics (BLEU-4, CIDEr-D) for eval.* during training and mgpt4-eval.
+        "eval": ["pycocoevalcap>=1.2"],
         # setuptools: the packaging test builds a wheel without build isolation (no network).
         # moto's standalone S3 server, s3fs and boto3 serve the remote-shard tests.
         "dev": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "setuptools>=61",
-                "moto[server]>=5.2.5", "s3fs>=2026.9.0", "boto3>=1.43"],
+                "moto[server]>=5.2.5", "s3fs>=2026.9.0", "boto3>=1.43", "pycocoevalcap>=1.2"],
     },
     entry_points={
         "console_scripts": [
@@ -46,6 +48,7 @@ setup(
             "mgpt4-make-shards=mgpt4_dist.cli.make_shards:main",
             "mgpt4-make-tiny-assets=mgpt4_dist.cli.make_tiny_assets:main",
             "mgpt4-eval-loss=mgpt4_dist.cli.eval_loss:main",
+            "mgpt4-eval=mgpt4_dist.cli.eval:main",
             "mgpt4-export=mgpt4_dist.cli.export:main",
             "mgpt4-apply-delta=mgpt4_dist.cli.apply_delta:main",
             "mgpt4-import-config=mgpt4_dist.cli.import_config:main",

@@ -196,6 +196,25 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (`mgpt4_dist.evaluation`); off while `shards` is empty."""
+
+    # Held-out shard patterns (like data.shards, without weights); samples may carry several
+    # reference captions (`captions` in KEY.json, else `caption`).
+    shards: List[str] = field(default_factory=list)
+    # Evaluate every this many steps, and at the last step.
+    every_steps: int = 1000
+    # The fixed held-out set: the first this many good samples of the shards (sorted), for the loss.
+    max_samples: int = 256
+    # Images captioned each time (the first of the set) and written to TensorBoard and samples.jsonl.
+    num_samples: int = 4
+    # Greedy decoding length of the captions.
+    max_new_tokens: int = 30
+    # Captioned samples scored with BLEU-4 and CIDEr-D: -1 = all of max_samples, 0 = no metrics.
+    metric_samples: int = -1
+
+
+@dataclass
 class JobConfig:
     run_dir: str = "runs/default"
     run: RunConfig = field(default_factory=RunConfig)
@@ -206,6 +225,7 @@ class JobConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # MiniGPT-4 pads with this literal string (the tokenizer's pad token); in the real LLaMA vocab it is
@@ -437,6 +457,13 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("data.retries and data.retry_backoff_s must be >= 0")
     if cfg.train.stop_at_step < 0 or cfg.train.global_batch_size < 0:
         raise ConfigError("train.stop_at_step and train.global_batch_size must be >= 0")
+    if cfg.eval.shards:
+        for dotted in ("eval.every_steps", "eval.max_samples", "eval.max_new_tokens"):
+            if getattr(cfg.eval, dotted.split(".")[1]) < 1:
+                raise ConfigError(f"{dotted} must be >= 1 when eval.shards is set")
+        if cfg.eval.num_samples < 0 or cfg.eval.metric_samples < -1:
+            raise ConfigError("eval.num_samples must be >= 0 and eval.metric_samples >= -1 (-1 = all of "
+                              "eval.max_samples, 0 = no caption metrics)")
     if cfg.checkpoint.every_steps < 1:
         raise ConfigError("checkpoint.every_steps must be >= 1")
     if cfg.run.overwrite and cfg.checkpoint.resume != "never":

@@ -20,7 +20,12 @@ TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm
            "samples_per_s": "perf/samples_per_s", "tokens_per_s": "perf/tokens_per_s",
            "step_time_s": "perf/step_time_s", "data_wait_s": "perf/data_wait_s",
            "max_mem_bytes": "perf/max_mem_bytes", "skipped": "data/skipped", "skipped_shards": "data/skipped_shards",
-           "nonfinite_steps": "train/nonfinite_steps", "mfu": "perf/mfu", "fp16_skipped_steps": "train/fp16_skipped_steps", "flops_per_s": "perf/flops_per_s"}
+           "nonfinite_steps": "train/nonfinite_steps", "mfu": "perf/mfu", "fp16_skipped_steps": "train/fp16_skipped_steps", "flops_per_s": "perf/flops_per_s",
+           "val_loss": "val/loss", "val_tokens": "val/tokens", "val_bleu4": "val/bleu4", "val_cider": "val/cider",
+           "eval_time_s": "perf/eval_time_s"}
+
+# Evaluation records (mgpt4_dist.evaluation), their own lines in metrics.jsonl (a contract).
+EVAL_JSONL_FIELDS = ("step", "val_loss", "val_tokens", "eval_time_s", "val_bleu4", "val_cider")
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -88,6 +93,29 @@ class MetricsLogger:
             print(f"step {step}/{self.max_steps} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
                   f"{values['samples_per_s']:.1f} samples/s | skipped {values['skipped']} | ETA {_fmt_duration(eta)}",
                   file=sys.stdout, flush=True)
+
+    def log_eval(self, step: int, values: dict) -> None:
+        """An evaluation record: its own line in metrics.jsonl, `val/*` in TensorBoard, one printed line."""
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(TB_TAGS.get(key, f"val/{key}"), value, step)
+        if self.progress:
+            scores = "".join(f" | {name} {values[key]:.4f}" for key, name in (("val_bleu4", "BLEU-4"),
+                                                                             ("val_cider", "CIDEr-D")) if key in values)
+            print(f"eval step {step} | val_loss {values['val_loss']:.4f} over {values['val_tokens']} tokens{scores} | "
+                  f"{values['eval_time_s']:.1f}s", file=sys.stdout, flush=True)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def log_image(self, tag: str, image_CHW_uint8, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, image_CHW_uint8, step, dataformats="CHW")
 
     def close(self) -> None:
         if self.writer is not None:

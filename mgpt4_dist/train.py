@@ -4,7 +4,8 @@
 
 Runs as one process, under `torchrun`, under the `deepspeed` launcher or under `srun`; rank and
 world come from `mgpt4_dist.dist`. The loop: draw a micro-batch, build its token layout, forward,
-backward, step; log every `train.log_every` steps; checkpoint every `checkpoint.every_steps` steps
+backward, step; log every `train.log_every` steps; evaluate every `eval.every_steps` steps and at
+the last one (when `eval.shards` is set); checkpoint every `checkpoint.every_steps` steps
 and at the last one.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mgpt4_dist.cache_features import check_sources_kind
 from mgpt4_dist.cli import ArgumentParser, examples, report_user_error
 from mgpt4_dist.config import ConfigError, JobConfig, load_config, load_prompts, save_config, shard_sources
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
+from mgpt4_dist.evaluation.evaluate import Evaluator, check_eval_config
 from mgpt4_dist.errors import EXIT_COLLECTIVE_FAILURE, EXIT_PREEMPTED, DiskFullError, UserError, disk_full_cause
 from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.metrics import MetricsLogger
@@ -134,6 +136,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
     prompts = load_prompts(cfg.data)
     require_frozen_weights(cfg.model)
     check_sources_kind(sources, cfg.data.features, cfg.model)
+    check_eval_config(cfg)
     point = find_resume_point(cfg)
     # Before anything is written: no second run over an earlier one, no silent change on resume.
     if run_dir.prepare(cfg, point, rank, world, accum) == "finished":
@@ -174,6 +177,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
         image_size=cfg.model.vit.img_size, start=data_start, pin_memory=device.type == "cuda")
     metrics = MetricsLogger(cfg.run_dir, cfg.train.max_steps, enabled=rank == 0,
                             tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress, resume_step=step)
+    evaluator = Evaluator(cfg, build_text, rank, world, device, metrics, step) if cfg.eval.shards else None
     last_step = min(cfg.train.stop_at_step or cfg.train.max_steps, cfg.train.max_steps)
     stop = stop or StopSignal()
     ckpt_dir = None
@@ -248,6 +252,9 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
                 "skipped_shards": int(dist.all_reduce_sum(loader.skipped_shards)),
                 "fp16_skipped_steps": engine.skipped_steps(),
             })
+        if evaluator is not None and evaluator.due(step, last_step):
+            # After the step's record, so eval time counts in neither step_time_s nor samples_per_s.
+            evaluator.run(engine.module, step)
         preempted = stop.agreed()
         if step % cfg.checkpoint.every_steps == 0 or step == last_step or preempted:
             ckpt_dir = checkpoint(step)

@@ -48,3 +48,27 @@ def run_train():
         return proc
 
     return run
+
+
+# Evaluation during training (tests/distributed/test_eval_training.py, tests/e2e/test_eval_cli.py): 5
+# held-out samples with micro-batches of 2 over 2 ranks give shares of 3 and 2, so one rank pads a call.
+EVAL_ARGS = ["eval.every_steps=2", "eval.max_samples=5", "eval.num_samples=2", "eval.max_new_tokens=4"]
+EVAL_TRAIN_ARGS = ["train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", "checkpoint.every_steps=2"]
+
+
+@pytest.fixture(scope="session")
+def heldout_shards(tmp_path_factory):
+    """Held-out synthetic scenes (a seed the tiny assets never use), as a user writes them."""
+    out = tmp_path_factory.mktemp("heldout")
+    subprocess.run([os.path.join(BIN, "mgpt4-make-shards"), "--synthetic", "5", "--seed", "9001", "--out", str(out),
+                    "--samples-per-shard", "3"], check=True, capture_output=True, timeout=300)
+    return f"{out}/*.tar"
+
+
+@pytest.fixture(scope="session")
+def eval_run(tiny_assets, run_train, heldout_shards, tmp_path_factory):
+    """Stage 1 at ZeRO-3 on 2 ranks with eval on: evaluated at steps 2 and 4, checkpoints at 2 and 4."""
+    run_dir = str(tmp_path_factory.mktemp("eval_run") / "run")
+    args = ["--config", TINY_STAGE1, *tiny_assets["overrides"], *EVAL_TRAIN_ARGS, "parallel.zero_stage=3"]
+    run_train(args + [f"run_dir={run_dir}", f"eval.shards=[{heldout_shards}]", *EVAL_ARGS], nproc=2)
+    return {"run_dir": run_dir, "args": args, "shards": heldout_shards}

@@ -27,7 +27,7 @@ from mgpt4_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 # What mgpt4-train writes into RUN_DIR, and so what run.overwrite=true removes.
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tb", "config.yaml", "ds_config.json", "profile")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "tb", "config.yaml", "ds_config.json", "profile")
 
 # Keys whose change makes the resumed run differ from an uninterrupted one (batches, numerics, data).
 EXACT_RESUME_KEYS = ("train.micro_batch_size", "train.precision", "train.seed", "model.vit_precision",

@@ -1,12 +1,14 @@
 """Answer generation: image embeddings spliced into the prompt's token embeddings, then the LLM's
 `generate` from `inputs_embeds`.
 
-The prompt follows the training sequence rules (`mgpt4_dist.models.sequence`): BOS first, the text
-pieces around `<ImageHere>` tokenized separately without special tokens, image embeddings
-between them. Generation stops on `###` (Vicuna v0) or `</s>`; the answer is cut there.
+The prompt is built by the training code's own `SequenceBuilder.prompt` and embedded by
+`MiniGPT4.embed_sequence` (`mgpt4_dist.models.sequence`: BOS first, the text pieces around
+`<ImageHere>` tokenized separately without special tokens, image embeddings between them), so
+training, eval-loss, evaluation and chat share one sequence code path. Generation stops on `###` (Vicuna v0) or `</s>`; the answer is cut there.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import List, Optional
 
@@ -15,7 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mgpt4_dist.errors import UserError
 from mgpt4_dist.inference.conversation import Conversation, new_conversation
-from mgpt4_dist.models.sequence import IMAGE_PLACEHOLDER
+from mgpt4_dist.models.sequence import IMAGE_PLACEHOLDER, SequenceBuilder
 
 
 class ImageError(UserError, ValueError):
@@ -52,29 +54,35 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-def context_embeds(model, tokenizer, prompt: str, image_embeds_1QD: torch.Tensor) -> torch.Tensor:
-    """[1, T, D]: BOS, the text before <ImageHere>, the image embeddings, the text after."""
-    pieces = prompt.split(IMAGE_PLACEHOLDER)
-    if len(pieces) != 2:
+def prompt_builder(bundle) -> SequenceBuilder:
+    """The training code's `SequenceBuilder` for this model. Without the training clip of the
+    condition (`model.max_context_len` cuts its end): chat keeps the demo's window instead, the
+    last `max_length` positions (see `generate`)."""
+    cfg = bundle.cfg
+    return SequenceBuilder(bundle.tokenizer, bundle.model.num_image_tokens, cfg.data.max_txt_len, cfg.data.end_sym,
+                           max_context_len=sys.maxsize)
+
+
+def context_embeds(bundle, prompt: str, image_embeds_1QD: torch.Tensor) -> torch.Tensor:
+    """[1, T, D]: the prompt laid out as training lays out a condition (`SequenceBuilder.prompt`: BOS,
+    the text pieces around <ImageHere>, image slots), embedded as training embeds it (`embed_sequence`)."""
+    if prompt.count(IMAGE_PLACEHOLDER) != 1:
         raise ValueError(f"the prompt must hold exactly one {IMAGE_PLACEHOLDER}")
-    embed = model.llm.get_input_embeddings()
-    device = embed.weight.device
-
-    def ids(text: str) -> torch.Tensor:
-        return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long, device=device)
-
-    before = torch.cat([torch.tensor([[tokenizer.bos_token_id]], device=device), ids(pieces[0])], dim=1)
-    parts = [embed(before), image_embeds_1QD.to(embed.weight.dtype), embed(ids(pieces[1]))]
-    return torch.cat(parts, dim=1)
+    model = bundle.model
+    text = prompt_builder(bundle).prompt(1, prompt).to(model.llm.get_input_embeddings().weight.device)
+    return model.embed_sequence(image_embeds_1QD, text)
 
 
 @torch.no_grad()
 def generate(bundle, image_embeds_1QD: torch.Tensor, prompt: str, stops: List[str], max_new_tokens: int = 300,
              temperature: float = 1.0, num_beams: int = 1, top_p: float = 0.9, repetition_penalty: float = 1.05,
-             max_length: int = 2000) -> str:
-    """One answer. temperature 0 = greedy (deterministic); > 0 samples as the original demo does."""
+             max_length: int = 2000, streamer=None) -> str:
+    """One answer. temperature 0 = greedy (deterministic); > 0 samples as the original demo does.
+
+    `streamer`: a transformers streamer (`put(token_ids)` / `end()`, e.g. `TextIteratorStreamer`)
+    that receives the tokens as they are generated; the returned answer is cut at the stop strings."""
     model, tokenizer = bundle.model, bundle.tokenizer
-    embeds = context_embeds(model, tokenizer, prompt, image_embeds_1QD)
+    embeds = context_embeds(bundle, prompt, image_embeds_1QD)
     embeds = embeds[:, max(0, embeds.shape[1] + max_new_tokens - max_length):]  # the demo's context window
     sample = temperature > 0
     kwargs = dict(do_sample=sample, num_beams=num_beams, max_new_tokens=max_new_tokens, min_length=1,
@@ -87,7 +95,7 @@ def generate(bundle, image_embeds_1QD: torch.Tensor, prompt: str, stops: List[st
         out = model.llm.generate(
             inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
             stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stops, 0)]),
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
     text = tokenizer.decode(out[0], skip_special_tokens=False)
     for stop in list(stops) + ["</s>", "###"]:
         text = text.split(stop)[0]

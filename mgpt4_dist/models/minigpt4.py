@@ -6,6 +6,7 @@ same loss without materialising [B, T, vocab] logits.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -103,7 +104,35 @@ class MiniGPT4(nn.Module):
         num = int(token_ce.numel())
         return LossTerms(token_ce.sum() / max(num, 1), token_ce, rows, num)
 
-    def forward(self, images_BCHW: torch.Tensor, text: TextBatch) -> torch.Tensor:
+    @torch.no_grad()
+    def greedy_tokens(self, images_BCHW: torch.Tensor, prompt: TextBatch, max_new_tokens: int) -> torch.Tensor:
+        """[B, max_new_tokens] greedy continuation of `prompt` (`SequenceBuilder.prompt`: rows of equal
+        length, nothing padded), with the LLM's KV cache.
+
+        Always exactly `max_new_tokens` LLM calls, also after every row has ended: under ZeRO-3 or
+        FSDP every rank must make the same calls, since each call gathers sharded weights collectively.
+        The caller cuts each row at its stop string."""
+        if not bool(prompt.attention_mask_BT.all()):
+            raise ValueError("greedy_tokens needs prompts of equal length (one instruction for every row)")
+        inputs_BTD = self.embed_sequence(self.encode_image(images_BCHW), prompt)
+        # The KV cache is `cache` in recent transformers, `past_key_values` before.
+        cache_name = "cache" if "cache" in inspect.signature(self.llm.forward).parameters else "past_key_values"
+        out = self.llm(inputs_embeds=inputs_BTD, use_cache=True, logits_to_keep=1)
+        next_B = out.logits[:, -1].argmax(-1)
+        generated = [next_B]
+        for _ in range(max_new_tokens - 1):
+            out = self.llm(input_ids=next_B[:, None], use_cache=True, logits_to_keep=1,
+                           **{cache_name: getattr(out, cache_name)})
+            next_B = out.logits[:, -1].argmax(-1)
+            generated.append(next_B)
+        return torch.stack(generated, dim=1)
+
+    def forward(self, images_BCHW: torch.Tensor, text: TextBatch, generate_tokens: int = 0) -> torch.Tensor:
+        """The loss of `text`'s answers; with `generate_tokens` > 0 the greedy continuation of the prompt
+        `text` instead. Generation is a mode of forward because forward is what the engines hook: a
+        call of the root module is where FSDP2 gathers its root unit and ZeRO-3 starts its fetches."""
+        if generate_tokens > 0:
+            return self.greedy_tokens(images_BCHW, text, generate_tokens)
         return self.loss_terms(images_BCHW, text).loss
 
 

@@ -1,6 +1,7 @@
 """The MiniGPT-4 token sequence: where BOS, prompt text, image embeddings and answers go.
 
-One layout for training, eval-loss and chat (`MiniGPTBase.forward` of the original):
+One layout for training, eval-loss, evaluation and chat (`MiniGPTBase.forward` of the original);
+`SequenceBuilder.prompt` is the same layout without the answer, for generation:
 
     [BOS][condition][answer + end_sym][padding]
 
@@ -78,15 +79,28 @@ class SequenceBuilder:
                              truncation=True, max_length=self.max_txt_len)
         return [list(ids) for ids in enc["input_ids"]]
 
-    def __call__(self, answers: Sequence[str],
-                 instruction: Union[None, str, Sequence[Optional[str]]] = None) -> TextBatch:
-        batch = len(answers)
+    def conditions(self, batch: int, instruction: Union[None, str, Sequence[Optional[str]]]
+                   ) -> List[List[Optional[int]]]:
+        """One condition per row: the same instruction for all, or one each; clipped to max_context_len."""
         if instruction is None or isinstance(instruction, str):
             conditions = [self.condition(instruction)] * batch
         else:
             conditions = [self.condition(i) for i in instruction]
-        conditions = [c[: self.max_context_len] for c in conditions]
-        answer_ids = self.answers(answers)
+        return [c[: self.max_context_len] for c in conditions]
+
+    def __call__(self, answers: Sequence[str],
+                 instruction: Union[None, str, Sequence[Optional[str]]] = None) -> TextBatch:
+        """The training layout: [BOS][condition][answer + end_sym][padding], answers scored."""
+        return self._layout(self.conditions(len(answers), instruction), self.answers(answers))
+
+    def prompt(self, batch: int, instruction: Optional[str] = None) -> TextBatch:
+        """The generation layout: [BOS][condition] for `batch` rows, nothing scored; the answer is
+        what the model generates after it. One instruction for every row, so no row is padded
+        (generation continues right after the last position of each row)."""
+        return self._layout(self.conditions(batch, instruction), [[] for _ in range(batch)])
+
+    def _layout(self, conditions: List[List[Optional[int]]], answer_ids: List[List[int]]) -> TextBatch:
+        batch = len(conditions)
         cond_len = max(len(c) for c in conditions)
         answer_len = max(len(a) for a in answer_ids)
         seq_len = 1 + cond_len + answer_len

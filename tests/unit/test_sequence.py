@@ -122,3 +122,20 @@ def test_tokenizer_matches_sentencepiece_for_a_llama_tokenizer_folder(tok_dir, s
     for text in [" leading space", "  two", "###Human: <Img>", "</Img> Describe this image. ###Assistant: ",
                  "a red circle\n", "naïve café 🙂", "[INST] <Img>", " [/INST] "]:
         assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+
+
+def test_generation_prompt_is_the_training_layout_without_the_answer(tok):
+    """`prompt` (chat, evaluation) and `__call__` (training, eval-loss) share one layout: the prompt
+    is exactly the training sequence up to where the answer starts."""
+    build = SequenceBuilder(tok, N_IMG, max_txt_len=32, end_sym="###")
+    instruction = "###Human: <Img><ImageHere></Img> Describe it. ###Assistant: "
+    train = build(["a red circle"], instruction)
+    prompt = build.prompt(2, instruction)
+    length = prompt.input_ids_BT.shape[1]
+    first_scored = int((train.labels_BT[0] != IGNORE_INDEX).nonzero()[0])
+    assert length == first_scored
+    for row in range(2):
+        assert torch.equal(prompt.input_ids_BT[row], train.input_ids_BT[0, :length])
+        assert torch.equal(prompt.image_slots_BT[row], train.image_slots_BT[0, :length])
+    assert bool(prompt.attention_mask_BT.all()) and bool((prompt.labels_BT == IGNORE_INDEX).all())
+    assert build.prompt(1).input_ids_BT.shape[1] == 1 + N_IMG  # stage 1: BOS and the image slots
