@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import BIN, REPO, free_port
+from helpers import BIN, EVAL_ARGS, EVAL_TRAIN_ARGS, REPO, TINY_STAGE1, free_port
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +48,6 @@ def run_train():
         return proc
 
     return run
-
-
-# Evaluation during training (tests/distributed/test_eval_training.py, tests/e2e/test_eval_cli.py): 5
-# held-out samples with micro-batches of 2 over 2 ranks give shares of 3 and 2, so one rank pads a call.
-EVAL_ARGS = ["eval.every_steps=2", "eval.max_samples=5", "eval.num_samples=2", "eval.max_new_tokens=4"]
-EVAL_TRAIN_ARGS = ["train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", "checkpoint.every_steps=2"]
 
 
 @pytest.fixture(scope="session")

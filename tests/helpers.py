@@ -12,6 +12,12 @@ TINY_STAGE2 = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage2.yaml")
 BIN = os.path.dirname(sys.executable)
 
 
+# Evaluation during training (tests/distributed/test_eval_training.py, tests/e2e/test_eval_cli.py): 5
+# held-out samples with micro-batches of 2 over 2 ranks give shares of 3 and 2, so one rank pads a call.
+EVAL_ARGS = ["eval.every_steps=2", "eval.max_samples=5", "eval.num_samples=2", "eval.max_new_tokens=4"]
+EVAL_TRAIN_ARGS = ["train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", "checkpoint.every_steps=2"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,7 @@ import json
 import math
 import os
 
-from conftest import EVAL_ARGS, read_metrics
+from helpers import EVAL_ARGS, read_metrics
 from mgpt4_dist.consolidate import consolidate
 
 

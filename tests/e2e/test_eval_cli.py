@@ -7,7 +7,7 @@ import os
 import subprocess
 import tarfile
 
-from conftest import BIN, read_metrics
+from helpers import BIN, read_metrics
 
 EVAL = os.path.join(BIN, "mgpt4-eval")
 
