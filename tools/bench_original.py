@@ -17,7 +17,8 @@ llama_proj), CPU fp32, the same torch threads, micro batch 8, captions of the sa
   resolves to a local folder (bert-base-uncased's config at the preset's Q-Former size).
 * mgpt4_dist: `mgpt4-train` as users run it (one process, the tiny config's defaults: DeepSpeed
   ZeRO-2, 1 DataLoader worker, log every 5 steps, TensorBoard on) on JPEG shards of the same
-  captions; `+features`: the same on the output of `mgpt4-cache-features`.
+  captions; `+compile`: the same with `train.compile_towers=true` (compiled at the first, untimed
+  step); `+features`: the same on the output of `mgpt4-cache-features`.
 
 Timing is from the outside: the driver stamps each progress line as it arrives ("step N" from the
 upstream worker after every step, mgpt4-train's progress line every `train.log_every` steps) and
@@ -249,7 +250,7 @@ def main() -> None:
     p.add_argument("--timed", type=int, default=10, help="timed steps (multiple of 5, mgpt4-train logs every 5)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (A B C, C B A, ...)")
     p.add_argument("--variants", nargs="+", default=["upstream", "mgpt4_dist", "mgpt4_dist+features"],
-                   choices=["upstream", "mgpt4_dist", "mgpt4_dist+features"])
+                   choices=["upstream", "mgpt4_dist", "mgpt4_dist+compile", "mgpt4_dist+features"])
     p.add_argument("--extra", nargs="*", default=[], help="extra mgpt4-train overrides for both mgpt4_dist variants")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--keep", help="keep assets and logs in this folder")
@@ -294,6 +295,7 @@ def main() -> None:
                          "--upstream", args.upstream, "--assets", assets["root"], "--captions", assets["captions"],
                          "--steps", str(steps), "--micro-batch", str(args.micro_batch), "--threads", str(args.threads)],
             "mgpt4_dist": [train_bin, "--config", TINY, *base],
+            "mgpt4_dist+compile": [train_bin, "--config", TINY, *base, "train.compile_towers=true"],
             "mgpt4_dist+features": [train_bin, "--config", TINY, *base, "data.features=true",
                                     f"data.shards=[{feats}/*.tar]"],
         }
@@ -315,8 +317,10 @@ def main() -> None:
 
     names = {"upstream": f"upstream MiniGPT-4 code ({UPSTREAM_COMMIT}; model forward + backward + AdamW on llama_proj)",
              "mgpt4_dist": "mgpt4_dist, default settings (ZeRO-2, 1 DataLoader worker)",
+             "mgpt4_dist+compile": "mgpt4_dist + `train.compile_towers=true` (ZeRO-2, 1 DataLoader worker)",
              "mgpt4_dist+features": "mgpt4_dist + cached features (`mgpt4-cache-features`, ZeRO-2, 1 worker)"}
     command = ("python tools/bench_original.py" + (f" --presets {' '.join(args.presets)}" if args.presets != ["vit", "llm"] else "")
+               + f" --variants {' '.join(args.variants)}"
                + f" --rounds {args.rounds} --warmup {args.warmup} --timed {args.timed}"
                + (f" --extra {' '.join(args.extra)}" if args.extra else "") + " --write")
     sections = []

@@ -72,7 +72,8 @@ class MiniGPT4(nn.Module):
 
     def vision_features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """The frozen towers' output, the input of llama_proj: [B, image tokens, feature width]."""
-        return compute_vision_features(self.visual_encoder, self.qformer, getattr(self, "ln_vision", None), images_BCHW)
+        towers = self.__dict__.get("_compiled_towers") or compute_vision_features
+        return towers(self.visual_encoder, self.qformer, getattr(self, "ln_vision", None), images_BCHW)
 
     def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] → [B, image tokens, llm_hidden] embeddings for the LLM.
@@ -122,7 +123,8 @@ def vision_feature_shape(visual_encoder: EvaViT, qformer: Optional[QFormer]) -> 
 
 def compute_vision_features(visual_encoder: EvaViT, qformer: Optional[QFormer], ln_vision: Optional[nn.LayerNorm],
                             images_BCHW: torch.Tensor) -> torch.Tensor:
-    # The towers are frozen: no autograd graph, so no activations are kept for them.
+    # The towers are frozen: no autograd graph, so no activations are kept for them, and the output
+    # is a plain tensor without history (llama_proj's backward needs it as it is).
     with torch.no_grad():
         vit_dtype = next(visual_encoder.parameters()).dtype
         image_tokens_BND = visual_encoder(images_BCHW.to(vit_dtype))
@@ -293,3 +295,16 @@ def apply_compile(model: MiniGPT4) -> int:
     log.info("torch.compile: %d transformer blocks", len(blocks))
     return len(blocks)
 
+
+
+def apply_compile_towers(model: MiniGPT4) -> None:
+    """torch.compile the frozen towers (ViT, ln_vision, Q-Former) as one inference graph.
+
+    One graph from image to features: no autograd, so the compiler fuses across block boundaries
+    (layer norms, residual adds, GELU into their neighbours), which `apply_compile`'s per-block
+    training graphs cannot. The module tree and parameter names stay as they are; only
+    `vision_features` calls the compiled function. Compilation happens at the first batch.
+    """
+    # Stored outside nn.Module's registries: the compiled function is not a submodule to save or shard.
+    model.__dict__["_compiled_towers"] = torch.compile(compute_vision_features, dynamic=False)
+    log.info("torch.compile: frozen vision towers as one inference graph")

@@ -32,6 +32,10 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_s
         from mgpt4_dist.models.minigpt4 import apply_compile
 
         apply_compile(model)
+    if cfg.train.compile_towers:
+        from mgpt4_dist.models.minigpt4 import apply_compile_towers
+
+        apply_compile_towers(model)
     if cfg.parallel.backend == "deepspeed":
         from mgpt4_dist.parallel.deepspeed_engine import DeepSpeedEngine
 
