@@ -148,6 +148,9 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     # torch.compile each ViT block, Q-Former layer and LLM decoder layer (refused at ZeRO-3).
     compile: bool = False
+    # torch.compile the frozen towers (ViT, ln_vision, Q-Former) as one no-grad graph, built at the
+    # first batch (refused with sharded towers: ZeRO-3, FSDP). Same features to float rounding (rel < 1e-5).
+    compile_towers: bool = False
 
 
 @dataclass
@@ -451,6 +454,10 @@ def validate(cfg: JobConfig) -> None:
     if cfg.train.compile and cfg.parallel.backend == "deepspeed" and cfg.parallel.zero_stage == 3:
         raise ConfigError("train.compile=true with ZeRO-3: its parameter-gathering hooks break the compiled "
                           "blocks into pieces; use parallel.zero_stage<=2 or parallel.backend=fsdp, or compile=false")
+    if cfg.train.compile_towers and (cfg.parallel.backend == "fsdp" or cfg.parallel.zero_stage == 3):
+        raise ConfigError(f"train.compile_towers=true with {'FSDP' if cfg.parallel.backend == 'fsdp' else 'ZeRO-3'}: "
+                          "the towers' sharded parameters are gathered by hooks that one compiled graph cannot run; "
+                          "use parallel.backend=deepspeed with parallel.zero_stage<=2, or train.compile_towers=false")
     if cfg.data.group_by_length < 0:
         raise ConfigError("data.group_by_length must be >= 0 (batches per sorting window; 0 = off)")
     if cfg.data.retries < 0 or cfg.data.retry_backoff_s < 0:

@@ -229,7 +229,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
             in_row = 0
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # read once per step, below: no host sync per micro-batch
             tokens += text.num_scored_tokens
             step_flops += flops_model.step(len(batch["answers"]), text.input_ids_BT.shape[1], text.num_scored_tokens,
                                            cached_features=cfg.data.features)
@@ -237,7 +237,7 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
             micro += 1
         step += 1
         profiler.step()
-        last_loss = dist.all_reduce_sum(sum(losses) / len(losses)) / world
+        last_loss = dist.all_reduce_sum(float(torch.stack(losses).double().sum()) / len(losses)) / world
 
         if step % cfg.train.log_every == 0 or step == last_step:
             step_time = time.perf_counter() - step_start

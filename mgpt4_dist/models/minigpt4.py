@@ -73,7 +73,8 @@ class MiniGPT4(nn.Module):
 
     def vision_features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """The frozen towers' output, the input of llama_proj: [B, image tokens, feature width]."""
-        return compute_vision_features(self.visual_encoder, self.qformer, getattr(self, "ln_vision", None), images_BCHW)
+        towers = self.__dict__.get("_compiled_towers") or compute_vision_features
+        return towers(self.visual_encoder, self.qformer, getattr(self, "ln_vision", None), images_BCHW)
 
     def encode_image(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] → [B, image tokens, llm_hidden] embeddings for the LLM.
@@ -151,7 +152,8 @@ def vision_feature_shape(visual_encoder: EvaViT, qformer: Optional[QFormer]) -> 
 
 def compute_vision_features(visual_encoder: EvaViT, qformer: Optional[QFormer], ln_vision: Optional[nn.LayerNorm],
                             images_BCHW: torch.Tensor) -> torch.Tensor:
-    # The towers are frozen: no autograd graph, so no activations are kept for them.
+    # The towers are frozen: no autograd graph, so no activations are kept for them, and the output
+    # is a plain tensor without history (llama_proj's backward needs it as it is).
     with torch.no_grad():
         vit_dtype = next(visual_encoder.parameters()).dtype
         image_tokens_BND = visual_encoder(images_BCHW.to(vit_dtype))

@@ -21,7 +21,7 @@ from mgpt4_dist import testing_hooks
 from mgpt4_dist.config import ConfigError, JobConfig, precision_dtype
 from mgpt4_dist.parallel.base import Engine, check_precision
 
-__all__ = ["Engine", "apply_ac", "apply_compile", "build_engine", "build_model"]
+__all__ = ["Engine", "apply_ac", "apply_compile", "apply_compile_towers", "build_engine", "build_model"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,21 @@ def apply_compile(model: nn.Module) -> int:
     return len(blocks)
 
 
+def apply_compile_towers(model: nn.Module) -> None:
+    """torch.compile the frozen towers (ViT, ln_vision, Q-Former) as one inference graph.
+
+    One graph from image to features: no autograd, so the compiler fuses across block boundaries
+    (layer norms, residual adds, GELU into their neighbours), which `apply_compile`'s per-block
+    training graphs cannot. The module tree and parameter names stay as they are; only
+    `MiniGPT4.vision_features` calls the compiled function. Compilation happens at the first batch.
+    """
+    from mgpt4_dist.models.minigpt4 import compute_vision_features
+
+    # Stored outside nn.Module's registries: the compiled function is not a submodule to save or shard.
+    model.__dict__["_compiled_towers"] = torch.compile(compute_vision_features, dynamic=False)
+    log.info("torch.compile: frozen vision towers as one inference graph")
+
+
 def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_steps: int) -> Engine:
     """Steps 3-4 of the build order; the only place that branches on the backend."""
     # Before the backend sees the model: DeepSpeed would refuse an unsupported dtype with a traceback
@@ -99,6 +114,8 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_s
         apply_ac(model.llm)
     if cfg.train.compile:
         apply_compile(model)
+    if cfg.train.compile_towers:
+        apply_compile_towers(model)
     if cfg.parallel.backend == "deepspeed":
         from mgpt4_dist.parallel.deepspeed_engine import DeepSpeedEngine
 

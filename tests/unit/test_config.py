@@ -139,3 +139,9 @@ def test_original_vit_precision_is_imported():
     assert not any(src == "model.vit_precision" for src, _ in report.ignored)
     report = import_original({"model": {"vit_precision": "fp32"}})
     assert report.config.model.vit_precision == "fp32"
+
+
+@pytest.mark.parametrize("sharding", [["parallel.zero_stage=3"], ["parallel.backend=fsdp"]])
+def test_compiled_towers_are_refused_with_sharded_towers(sharding):
+    with pytest.raises(ConfigError, match=r"train\.compile_towers"):
+        load_config(TINY, ["train.compile_towers=true", *sharding])

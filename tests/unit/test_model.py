@@ -11,6 +11,7 @@ from mgpt4_dist.models.llm import load_tokenizer
 from mgpt4_dist.errors import CheckpointMismatchError
 from mgpt4_dist.models.weights import load_proj_checkpoint
 from mgpt4_dist.models.minigpt4 import audit_trainable, build_minigpt4
+from mgpt4_dist.parallel import apply_compile_towers
 from mgpt4_dist.models.sequence import IGNORE_INDEX, SequenceBuilder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -228,3 +229,34 @@ def test_llama_proj_init_is_nn_linear_default_from_the_seed():
     init_llama_proj(got, 7, LocalBuild())
     torch.testing.assert_close(got.weight, ref.weight, rtol=0, atol=0)
     torch.testing.assert_close(got.bias, ref.bias, rtol=0, atol=0)
+
+
+def test_compiled_towers_give_the_eager_features_loss_and_gradient(assets):
+    """train.compile_towers: the same math as the eager towers, to float rounding (rel 1e-5)."""
+    from torch._dynamo.utils import counters
+
+    cfg = load_config(TINY, [f"model.llm_path={assets['llm']}", f"model.vit_checkpoint={assets['vit']}",
+                             f"model.qformer_checkpoint={assets['qformer']}"])
+    model = build_minigpt4(cfg.model, seed=0)
+    text = SequenceBuilder(load_tokenizer(assets["llm"]), model.num_image_tokens, 32, "\n")(
+        ["a red square on a blue background", "a small green circle"])
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        features = model.vision_features(images)
+        loss = model(images, text)
+        loss.backward()
+        return features, loss.detach(), model.llama_proj.weight.grad.clone()
+
+    eager = run()
+    graphs_before = counters["stats"]["unique_graphs"]
+    apply_compile_towers(model)
+    compiled = run()
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the towers really ran compiled
+    assert not compiled[0].requires_grad and compiled[0].grad_fn is None
+    for got, want in zip(compiled, eager):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # parameters and their names are untouched: checkpoints and sharding see the same model
+    assert "_compiled_towers" not in dict(model.named_modules())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["llama_proj.weight", "llama_proj.bias"]
