@@ -139,3 +139,15 @@ def test_original_vit_precision_is_imported():
     assert not any(src == "model.vit_precision" for src, _ in report.ignored)
     report = import_original({"model": {"vit_precision": "fp32"}})
     assert report.config.model.vit_precision == "fp32"
+
+
+def test_eval_section_is_off_by_default_and_checked_when_on():
+    from mgpt4_dist.config import ConfigError, load_config
+
+    assert load_config(None).eval.shards == []
+    cfg = load_config(None, ["eval.shards=[held/{0..3}.tar]", "eval.every_steps=50", "eval.metric_samples=0"])
+    assert cfg.eval.shards == ["held/{0..3}.tar"] and cfg.eval.every_steps == 50 and cfg.eval.metric_samples == 0
+    with pytest.raises(ConfigError, match="eval.every_steps must be >= 1"):
+        load_config(None, ["eval.shards=[h.tar]", "eval.every_steps=0"])
+    with pytest.raises(ConfigError, match="eval.metric_samples"):
+        load_config(None, ["eval.shards=[h.tar]", "eval.metric_samples=-2"])
