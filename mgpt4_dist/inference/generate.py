@@ -4,7 +4,8 @@
 The prompt is built by the training code's own `SequenceBuilder.prompt` and embedded by
 `MiniGPT4.embed_sequence` (`mgpt4_dist.models.sequence`: BOS first, the text pieces around
 `<ImageHere>` tokenized separately without special tokens, image embeddings between them), so
-training, eval-loss, evaluation and chat share one sequence code path. Generation stops on `###` (Vicuna v0) or `</s>`; the answer is cut there.
+training, eval-loss, evaluation and chat share one sequence code path. Generation stops on `###`
+(Vicuna v0) or `</s>`; the answer is cut there.
 """
 from __future__ import annotations
 

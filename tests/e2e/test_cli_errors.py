@@ -76,6 +76,8 @@ CASES = [
     ("mgpt4-chat", ["--model", "{d}/run/checkpoints/step_00000002", "--image", "{d}/red.png", "--prompt", "hi"],
      ["step_00000002", "not a consolidated model", "mgpt4-consolidate"]),
     ("mgpt4-plan", ["--config", TINY_STAGE1, "--gpu-mem", "lots"], ["--gpu-mem", "'lots'"]),
+    ("mgpt4-eval", ["--model", "{d}/run/checkpoints/step_00000002", "--shards", "{d}/none-*.tar"],
+     ["--shards", "none-*.tar", "matches no file"]),
     ("mgpt4-cache-features", ["--config", TINY_STAGE1, "data.shards=[{d}/none-*.tar]", "model.allow_random_weights=true", "--out", "{d}/f",
                               "--device", "cpu"], ["data.shards", "none-*.tar"]),
 ]
@@ -96,7 +98,7 @@ def test_usage_errors_are_one_line_too(tmp_path):
 def test_help_of_every_command_states_defaults_and_an_example():
     modules = {"train": "mgpt4_dist.train", **{name: f"mgpt4_dist.cli.{name}" for name in (
         "make_shards", "make_tiny_assets", "eval_loss", "export", "apply_delta", "import_config", "consolidate",
-        "chat", "plan", "cache_features")}}
+        "chat", "plan", "cache_features", "eval")}}
     for name, module in modules.items():
         parser = importlib.import_module(module).build_parser()
         assert "\nexamples:\n  mgpt4-" in parser.format_help(), name
@@ -221,4 +223,4 @@ def test_readme_lists_the_tensorboard_tags_a_run_writes():
 
     readme = open(os.path.join(REPO, "README.md")).read()
     block = readme[readme.index("  tb/ "):readme.index("  profile/ ")]
-    assert set(re.findall(r"\b(?:train|perf|data)/\w+", block)) == set(TB_TAGS.values())
+    assert set(re.findall(r"\b(?:train|perf|data|val)/\w+", block)) == set(TB_TAGS.values())

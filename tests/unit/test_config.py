@@ -145,3 +145,15 @@ def test_original_vit_precision_is_imported():
 def test_compiled_towers_are_refused_with_sharded_towers(sharding):
     with pytest.raises(ConfigError, match=r"train\.compile_towers"):
         load_config(TINY, ["train.compile_towers=true", *sharding])
+
+
+def test_eval_section_is_off_by_default_and_checked_when_on():
+    from mgpt4_dist.config import ConfigError, load_config
+
+    assert load_config(None).eval.shards == []
+    cfg = load_config(None, ["eval.shards=[held/{0..3}.tar]", "eval.every_steps=50", "eval.metric_samples=0"])
+    assert cfg.eval.shards == ["held/{0..3}.tar"] and cfg.eval.every_steps == 50 and cfg.eval.metric_samples == 0
+    with pytest.raises(ConfigError, match="eval.every_steps must be >= 1"):
+        load_config(None, ["eval.shards=[h.tar]", "eval.every_steps=0"])
+    with pytest.raises(ConfigError, match="eval.metric_samples"):
+        load_config(None, ["eval.shards=[h.tar]", "eval.metric_samples=-2"])
