@@ -3,16 +3,17 @@
     python tests/fault_http_server.py ROOT REQUEST_LOG
 
 Binds a free port on 127.0.0.1 and prints it as the first line of stdout. `GET /MODES/PATH` serves
-ROOT/PATH; MODES is `ok` or `+`-joined faults, each applied to the first request for a given
-URL only (later requests are served normally; `?anything` makes a distinct URL), except `slow` and `norange`, which apply to
-every request:
+ROOT/PATH; MODES is `ok` or `+`-joined faults. One-time faults apply in the order given, one per
+request to the same URL (`fail500+reset`: the first request gets a 500, the second a reset, later
+ones are served normally; `?anything` makes a distinct URL); `slow` and `norange` apply to every
+request:
 
 - `reset`:   send the headers (full Content-Length) and half the body, then reset the connection
 - `fail500`: answer 500 Internal Server Error
 - `slow`:    wait 0.5 s before answering
 - `norange`: ignore Range headers and answer 200 with the whole file, as `python -m http.server`
 A missing file is a 404. Range requests (`bytes=N-`) are answered 206 otherwise. Every request is
-appended to REQUEST_LOG as a JSON line: path, range header, status.
+appended to REQUEST_LOG as a JSON line: path, range header, status (-1 for a reset).
 """
 import json
 import os
@@ -24,16 +25,18 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT, LOG = sys.argv[1], sys.argv[2]
-_seen = set()
+_requests = {}  # URL -> requests so far
 _lock = threading.Lock()
+_ONE_TIME = ("reset", "fail500")
 
 
-def _first_time(key) -> bool:
+def _one_time_fault(url: str, modes: list):
+    """The one-time fault for this request to `url`, if any."""
     with _lock:
-        if key in _seen:
-            return False
-        _seen.add(key)
-        return True
+        count = _requests.get(url, 0)
+        _requests[url] = count + 1
+    faults = [m for m in modes if m in _ONE_TIME]
+    return faults[count] if count < len(faults) else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -48,14 +51,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         _, modes, rel = self.path.split("/", 2)
-        modes = set(modes.split("+"))
+        modes = modes.split("+")
         path = os.path.join(ROOT, rel.split("?")[0])  # a query only makes a distinct URL (its own faults)
-        first = _first_time(self.path)
+        fault = _one_time_fault(self.path, modes)
         if "slow" in modes:
             time.sleep(0.5)
         if not os.path.isfile(path):
             return self._plain(404, b"not found")
-        if "fail500" in modes and first:
+        if fault == "fail500":
             return self._plain(500, b"injected failure")
         with open(path, "rb") as f:
             data = f.read()
@@ -65,7 +68,7 @@ class Handler(BaseHTTPRequestHandler):
             start = int(byte_range[len("bytes="):-1])
         status = 206 if start else 200
         body = data[start:]
-        self._log(status if not ("reset" in modes and first) else -1)
+        self._log(-1 if fault == "reset" else status)
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Content-Type", "application/x-tar")
@@ -73,7 +76,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Connection", "close")
         self.end_headers()
-        if "reset" in modes and first:
+        if fault == "reset":
             self.wfile.write(body[:len(body) // 2])
             self.wfile.flush()
             time.sleep(0.05)

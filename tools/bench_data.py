@@ -4,15 +4,19 @@
 
 The floor is the bare work every sample needs: PIL decode + square bicubic resize to 224 + CLIP
 normalization (per batch, as the pipeline does it) of the same JPEGs in a loop, on one thread. The pipeline adds tar reading, caption
-cleaning, batching and worker hand-off; per worker it should stay near the floor.
+cleaning, batching and worker hand-off; per worker it should stay near the floor. The same shards
+are also read over local HTTP from `python -m http.server` (a plain server without Range support,
+started on a free port): the remote-shard stream (`mgpt4_dist.data.remote`) against local files.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import torch
 
@@ -51,6 +55,26 @@ def pipeline(pattern: str, workers: int, batches: int, batch_size: int, image_si
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def http_server(root: str):
+    """`python -m http.server` on a free port serving `root`: (process, base URL)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", root],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base + "/", timeout=1).close()
+            return proc, base
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("python -m http.server did not start")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=2000)
@@ -76,6 +100,18 @@ def main() -> None:
             per_worker = rate / max(workers, 1)
             rows.append(f"| pipeline, {workers} DataLoader workers | {rate:.0f} | {per_worker:.0f} | "
                         f"{100 * per_worker / floor_rate:.0f} % |")
+        server, base = http_server(tmp)
+        try:
+            names = sorted(os.path.basename(s) for s in shards)
+            pattern = f"{base}/{names[0]}" if len(names) == 1 else f"{base}/{{{','.join(names)}}}"
+            for workers in args.workers:
+                rate = max(pipeline(pattern, workers, batches, args.batch_size, 224) for _ in range(args.repeats))
+                per_worker = rate / max(workers, 1)
+                rows.append(f"| pipeline over local HTTP (`python -m http.server`), {workers} DataLoader workers | "
+                            f"{rate:.0f} | {per_worker:.0f} | {100 * per_worker / floor_rate:.0f} % |")
+        finally:
+            server.terminate()
+            server.wait()
     command = (f"python tools/bench_data.py --samples {args.samples} --image-size {args.image_size} "
                f"--repeats {args.repeats} --write")
     body = (f"`{command}`\n\n{machine_line()}; {args.image_size}x{args.image_size} JPEGs resized to 224, "

@@ -221,7 +221,7 @@ class ShardStream(IterableDataset):
                 # One warning per failed shard URL: its URL and cause are in the message.
                 if (shard, "failed") not in warned:
                     warned.add((shard, "failed"))
-                    log.warning("stream %d: skipping shard %s (counted in skipped_shards): %s", stream, shard, e)
+                    log.warning("stream %d: skipping a shard (counted in skipped_shards): %s", stream, e)
                 if source is not None:
                     failed = failed_in_row[source.pattern] = failed_in_row.get(source.pattern, 0) + 1
                     if failed >= min(len(source.shards), MAX_FAILED_SHARDS_IN_ROW):
@@ -339,7 +339,14 @@ class BatchLoader:
             shutdown()
 
     def __next__(self) -> dict:
-        batch = next(self._iter)
+        try:
+            batch = next(self._iter)
+        except DataSourceError as e:
+            # From a worker, torch re-raises it with the worker's whole traceback as the message;
+            # the user needs the cause: the original message, the traceback's last line.
+            last = str(e).strip().splitlines()[-1]
+            prefix = f"{DataSourceError.__module__}.{DataSourceError.__name__}: "
+            raise DataSourceError(last[len(prefix):] if last.startswith(prefix) else str(e)) from None
         self.positions[str(batch["stream"])] = batch["position"]
         self.batches += 1
         return batch
