@@ -247,7 +247,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=5, help="steps before the timed window (multiple of 5)")
-    p.add_argument("--timed", type=int, default=10, help="timed steps (multiple of 5, mgpt4-train logs every 5)")
+    p.add_argument("--timed", type=int, default=5, help="timed steps (multiple of 5, mgpt4-train logs every 5)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (A B C, C B A, ...)")
     p.add_argument("--variants", nargs="+", default=["upstream", "mgpt4_dist", "mgpt4_dist+features"],
                    choices=["upstream", "mgpt4_dist", "mgpt4_dist+compile", "mgpt4_dist+features"])
@@ -307,8 +307,12 @@ def main() -> None:
                 if variant != "upstream":
                     run = os.path.join(tmp, preset, f"run_{variant}_{r}")
                     cmd += [f"run_dir={run}", f"train.max_steps={steps}", "checkpoint.every_steps=100000"]
-                stamps = timed_run(cmd, up_env if variant == "upstream" else env, REPO,
-                                   os.path.join(tmp, preset, f"log_{variant}_{r}.txt"))
+                try:
+                    stamps = timed_run(cmd, up_env if variant == "upstream" else env, REPO,
+                                       os.path.join(tmp, preset, f"log_{variant}_{r}.txt"))
+                except RuntimeError as e:  # one failed variant leaves the others' numbers standing
+                    print(f"[{preset}] round {r + 1} {variant}: FAILED: {e}", flush=True)
+                    continue
                 rate = rate_between(stamps, args.warmup, steps, args.micro_batch)
                 rates[variant].append(rate)
                 loads.append(os.getloadavg()[0])
@@ -325,9 +329,12 @@ def main() -> None:
                + (f" --extra {' '.join(args.extra)}" if args.extra else "") + " --write")
     sections = []
     for preset, rates in results.items():
-        ref = statistics.mean(rates["upstream"]) if "upstream" in rates else None
+        ref = statistics.mean(rates["upstream"]) if rates.get("upstream") else None
         lines = ["| step | samples/s (mean) | per round | vs upstream code |", "| --- | --- | --- | --- |"]
         for variant, values in rates.items():
+            if not values:
+                lines.append(f"| {names[variant]} | failed (see its log in the output folder) | | |")
+                continue
             mean = statistics.mean(values)
             # ratio per round (each round's runs ran back to back), then averaged
             ratio = (statistics.mean(v / u for v, u in zip(values, rates["upstream"])) if ref else None)

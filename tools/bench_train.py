@@ -266,7 +266,7 @@ def main() -> None:
             f"{args.warmup + 1}..{args.steps}.\n\n" + "\n".join(lines))
     print(body)
     if args.write:
-        write_section("Training step vs the original" + (" (GPU)" if gpu else ""), body)
+        write_section("Extra: training step vs a re-created original-style step" + (" (GPU)" if gpu else ""), body)
 
 
 if __name__ == "__main__":
