@@ -88,7 +88,7 @@ def compare_logits(bundle, model, inputs, image):
     pixels = load_image(image, bundle.cfg.model.vit.img_size)
     assert torch.equal(inputs["pixel_values"], pixels)  # backend="pil": the training transform bit for bit
     with torch.no_grad():
-        embeds = context_embeds(bundle.model, bundle.tokenizer, prompt, bundle.model.encode_image(pixels))
+        embeds = context_embeds(bundle, prompt, bundle.model.encode_image(pixels))
         answer = bundle.model.llm.generate(inputs_embeds=embeds, max_new_tokens=NEW_TOKENS, do_sample=False,
                                            min_new_tokens=NEW_TOKENS)
         answer = answer[:, -NEW_TOKENS:]
