@@ -23,7 +23,10 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # mgpt4-demo (the web chat page); gradio 6's API (theme at launch, api_visibility). Tested: 6.31.
+        "demo": ["gradio>=6.0,<7"],
+        # The demo's browser test drives Debian's chromium through selenium (Service, ChromeOptions).
+        "dev": ["pytest>=7", "pytest-timeout", "gradio>=6.0,<7", "selenium>=4.11"],
     },
     entry_points={
         "console_scripts": [
@@ -36,6 +39,7 @@ setup(
             "mgpt4-import-config=mgpt4_dist.cli.import_config:main",
             "mgpt4-consolidate=mgpt4_dist.cli.consolidate:main",
             "mgpt4-chat=mgpt4_dist.cli.chat:main",
+            "mgpt4-demo=mgpt4_dist.cli.demo:main",
             "mgpt4-plan=mgpt4_dist.cli.plan:main",
             "mgpt4-cache-features=mgpt4_dist.cli.cache_features:main",
         ],

@@ -22,6 +22,19 @@ def tiny_assets(tmp_path_factory):
     return {**paths, "overrides": tiny_overrides(paths)}
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_assets, run_train, tmp_path_factory):
+    """A consolidated tiny model (one stage-1 step): what mgpt4-chat and mgpt4-demo load."""
+    from mgpt4_dist.consolidate import consolidate
+
+    base = tmp_path_factory.mktemp("tiny_model")
+    run_dir = str(base / "run")
+    run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=1"],
+              launcher="none")
+    consolidate(run_dir, str(base / "model"))
+    return str(base / "model")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

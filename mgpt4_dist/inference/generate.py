@@ -74,8 +74,10 @@ def context_embeds(model, tokenizer, prompt: str, image_embeds_1QD: torch.Tensor
 @torch.no_grad()
 def generate(bundle, image_embeds_1QD: torch.Tensor, prompt: str, stops: List[str], max_new_tokens: int = 300,
              temperature: float = 1.0, num_beams: int = 1, top_p: float = 0.9, repetition_penalty: float = 1.05,
-             max_length: int = 2000) -> str:
-    """One answer. temperature 0 = greedy (deterministic); > 0 samples as the original demo does."""
+             max_length: int = 2000, streamer=None) -> str:
+    """One answer. temperature 0 = greedy (deterministic); > 0 samples as the original demo does.
+    streamer: a transformers `BaseStreamer` that is handed each new token as it is chosen (greedy
+    and sampling only: transformers refuses it with beam search)."""
     model, tokenizer = bundle.model, bundle.tokenizer
     embeds = context_embeds(model, tokenizer, prompt, image_embeds_1QD)
     embeds = embeds[:, max(0, embeds.shape[1] + max_new_tokens - max_length):]  # the demo's context window
@@ -90,7 +92,7 @@ def generate(bundle, image_embeds_1QD: torch.Tensor, prompt: str, stops: List[st
         out = model.llm.generate(
             inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
             stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stops, 0)]),
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
     text = tokenizer.decode(out[0], skip_special_tokens=False)
     for stop in list(stops) + ["</s>", "###"]:
         text = text.split(stop)[0]
