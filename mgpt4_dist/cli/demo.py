@@ -57,11 +57,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    url = f"http://{args.host}:{args.port}"
+    check_can_serve(args.host, args.port, url)
     from mgpt4_dist.inference.demo import GenerationSettings, build_demo, import_gradio, launch_demo
 
     import_gradio()  # refuse before the (slow) model load when the extra is missing
-    url = f"http://{args.host}:{args.port}"
-    check_can_serve(args.host, args.port, url)
     import torch
     from transformers.utils import logging as hf_logging
 
