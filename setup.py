@@ -25,7 +25,7 @@ setup(
         "tensorboard>=2.21.0",  # torch.utils.tensorboard's writer
         "sentencepiece>=0.2.3",
         "safetensors>=0.8.0",
-        "pillow>=13.0.0",
+        "pillow>=12.3",  # gradio 6 (the demo extra) caps pillow below 13; the suite ran on both
         "braceexpand>=0.1.7",
         "tqdm>=4.70.1",
         # Remote shards: object-store URLs open through fsspec (its s3/gs backends are the `remote` extra).
@@ -37,10 +37,14 @@ setup(
         "remote": ["s3fs>=2026.9.0", "gcsfs"],
         # Caption metrics (BLEU-4, CIDEr-D) for eval.* during training and mgpt4-eval.
         "eval": ["pycocoevalcap>=1.2"],
+        # mgpt4-demo (the web chat page); gradio 6's API (theme at launch, api_visibility). Tested: 6.31.
+        "demo": ["gradio>=6.0,<7"],
         # setuptools: the packaging test builds a wheel without build isolation (no network).
         # moto's standalone S3 server, s3fs and boto3 serve the remote-shard tests.
         "dev": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "setuptools>=61",
-                "moto[server]>=5.2.5", "s3fs>=2026.9.0", "boto3>=1.43", "pycocoevalcap>=1.2"],
+                "moto[server]>=5.2.5", "s3fs>=2026.9.0", "boto3>=1.43", "pycocoevalcap>=1.2",
+                # The demo's browser test drives Debian's chromium through selenium (Service, ChromeOptions).
+                "gradio>=6.0,<7", "selenium>=4.11"],
     },
     entry_points={
         "console_scripts": [
@@ -54,6 +58,7 @@ setup(
             "mgpt4-import-config=mgpt4_dist.cli.import_config:main",
             "mgpt4-consolidate=mgpt4_dist.cli.consolidate:main",
             "mgpt4-chat=mgpt4_dist.cli.chat:main",
+            "mgpt4-demo=mgpt4_dist.cli.demo:main",
             "mgpt4-plan=mgpt4_dist.cli.plan:main",
             "mgpt4-cache-features=mgpt4_dist.cli.cache_features:main",
         ],

@@ -29,6 +29,15 @@ def tiny_trained_run(tiny_assets, run_train, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tiny_trained_run, tmp_path_factory):
+    """tiny_trained_run consolidated: what mgpt4-chat and mgpt4-demo load."""
+    from mgpt4_dist.export.consolidate import consolidate
+
+    out = str(tmp_path_factory.mktemp("tiny_model") / "model")
+    consolidate(tiny_trained_run, out)
+    return out
+
+@pytest.fixture(scope="session")
 def run_train():
     """Run mgpt4-train as a user would: `deepspeed`, `torchrun` or a plain process."""
 

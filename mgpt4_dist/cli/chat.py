@@ -30,10 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(not a training step folder)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", default=None, help="answer this one question and exit (default: interactive)")
+    add_generation_arguments(p)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    add_model_arguments(p)
+    return p
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --num-beams (mgpt4-demo's defaults for its controls too)."""
     p.add_argument("--max-new-tokens", type=int, default=300, help="longest answer in tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (deterministic)")
     p.add_argument("--num-beams", type=int, default=1, help="beam search width")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """How the model is placed and where its frozen weights are (shared with mgpt4-demo)."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
@@ -41,7 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-path", default=None, help="override model.llm_path of the folder's config")
     p.add_argument("--vit-checkpoint", default=None, help="override model.vit_checkpoint")
     p.add_argument("--qformer-checkpoint", default=None, help="override model.qformer_checkpoint")
-    return p
+
+
+def load_model_from_args(args: argparse.Namespace):
+    """The model of `--model`, placed as add_model_arguments' flags say (a LoadedModel)."""
+    import torch
+
+    from mgpt4_dist.inference import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_model(args.model, device=device, dtype=args.dtype, quantization=args.quantization,
+                      llm_path=args.llm_path, vit_checkpoint=args.vit_checkpoint,
+                      qformer_checkpoint=args.qformer_checkpoint)
 
 
 @user_errors(PROG)
@@ -53,15 +75,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    from mgpt4_dist.inference import Chat, ImageError, load_model
+    from mgpt4_dist.inference import Chat, ImageError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, num_beams=args.num_beams)
     if not os.path.isfile(args.image):  # fail before the (slow) model load
         raise ImageError(f"image not found: {args.image}")
-    bundle = load_model(args.model, device=device, dtype=args.dtype, quantization=args.quantization,
-                        llm_path=args.llm_path, vit_checkpoint=args.vit_checkpoint,
-                        qformer_checkpoint=args.qformer_checkpoint)
+    bundle = load_model_from_args(args)
     torch.manual_seed(args.seed)
     chat = Chat(bundle)
     chat.upload_image(args.image)

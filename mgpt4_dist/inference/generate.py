@@ -81,7 +81,8 @@ def generate(bundle, image_embeds_1QD: torch.Tensor, prompt: str, stops: List[st
     """One answer. temperature 0 = greedy (deterministic); > 0 samples as the original demo does.
 
     `streamer`: a transformers streamer (`put(token_ids)` / `end()`, e.g. `TextIteratorStreamer`)
-    that receives the tokens as they are generated; the returned answer is cut at the stop strings."""
+    that receives the tokens as they are generated (greedy and sampling only: transformers refuses a
+    streamer with beam search); the returned answer is cut at the stop strings."""
     model, tokenizer = bundle.model, bundle.tokenizer
     embeds = context_embeds(bundle, prompt, image_embeds_1QD)
     embeds = embeds[:, max(0, embeds.shape[1] + max_new_tokens - max_length):]  # the demo's context window

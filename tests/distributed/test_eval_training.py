@@ -5,7 +5,7 @@ import math
 import os
 
 from helpers import EVAL_ARGS, read_metrics
-from mgpt4_dist.consolidate import consolidate
+from mgpt4_dist.export.consolidate import consolidate
 
 
 def split(records):

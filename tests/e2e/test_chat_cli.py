@@ -16,15 +16,8 @@ GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_assets, run_train, tmp_path_factory):
-    base = tmp_path_factory.mktemp("chat")
-    run_dir = str(base / "run")
-    run_train(["--config", TINY_STAGE1, *tiny_assets["overrides"], f"run_dir={run_dir}", "train.max_steps=1"], launcher="none")
-    out = str(base / "model")
-    from mgpt4_dist.export.consolidate import consolidate
-
-    consolidate(run_dir, out)
-    return out
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -75,6 +75,7 @@ CASES = [
     ("mgpt4-consolidate", ["{d}/no-run", "--out", "{d}/c"], ["no-run"]),
     ("mgpt4-chat", ["--model", "{d}/run/checkpoints/step_00000002", "--image", "{d}/red.png", "--prompt", "hi"],
      ["step_00000002", "not a consolidated model", "mgpt4-consolidate"]),
+    ("mgpt4-demo", ["--model", "{d}/run", "--port", "0"], ["--port 0", "1..65535"]),
     ("mgpt4-plan", ["--config", TINY_STAGE1, "--gpu-mem", "lots"], ["--gpu-mem", "'lots'"]),
     ("mgpt4-eval", ["--model", "{d}/run/checkpoints/step_00000002", "--shards", "{d}/none-*.tar"],
      ["--shards", "none-*.tar", "matches no file"]),
@@ -98,7 +99,7 @@ def test_usage_errors_are_one_line_too(tmp_path):
 def test_help_of_every_command_states_defaults_and_an_example():
     modules = {"train": "mgpt4_dist.train", **{name: f"mgpt4_dist.cli.{name}" for name in (
         "make_shards", "make_tiny_assets", "eval_loss", "export", "apply_delta", "import_config", "consolidate",
-        "chat", "plan", "cache_features", "eval")}}
+        "chat", "demo", "plan", "cache_features", "eval")}}
     for name, module in modules.items():
         parser = importlib.import_module(module).build_parser()
         assert "\nexamples:\n  mgpt4-" in parser.format_help(), name

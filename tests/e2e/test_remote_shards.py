@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, TINY_STAGE1, read_metrics
+from helpers import BIN, TINY_STAGE1, read_metrics
 from mgpt4_dist.data.pipeline import ShardStream, Source
 from remote_servers import fault_http_server, moto_s3_server, requests_made
 
