@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'data.shards=[features/*.tar]' data.features=true"))
     p.add_argument("--config", required=True, help="YAML config (model.*, data.shards)")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides (model.*, data.shards)")
-    p.add_argument("--out", required=True, help="output folder for the feature shards")
+    p.add_argument("--out", required=True,
+                   help="output folder for the feature shards, or an object-store URL (s3://bucket/prefix; each "
+                        "shard is uploaded when complete)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="stored precision (the original runs the towers in fp16)")
