@@ -16,10 +16,22 @@ BIN = os.path.dirname(sys.executable)
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """Tiny LLaMA folder + tokenizer, original-layout ViT/Q-Former files, synthetic shards."""
-    from mgpt4_dist.assets import build_tiny_assets, tiny_overrides
+    from mgpt4_dist.tiny.assets import build_tiny_assets, tiny_overrides
 
     paths = build_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")), num_samples=128, samples_per_shard=32)
     return {**paths, "overrides": tiny_overrides(paths)}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The pretrained tiny bundle as `mgpt4-make-tiny-assets` writes it by default (what the
+    quickstart trains on): stage 1 can learn on it. Pretraining costs about a minute, paid once."""
+    out = tmp_path_factory.mktemp("tiny_world")
+    proc = subprocess.run([os.path.join(BIN, "mgpt4-make-tiny-assets"), "--out", str(out)], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    overrides = proc.stdout.splitlines()[-1].split(" ")[1:]
+    return {"root": str(out), "overrides": overrides, "log": proc.stderr}
 
 
 def free_port() -> int:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 from mgpt4_dist.cli import ArgumentParser, examples, user_errors
-from mgpt4_dist.data.shards import (CaptionsFileError, Sample, iter_cc_sbu_align, iter_folder_captions,
-                                    synthetic_samples, write_shards)
+from mgpt4_dist.data.shards import CaptionsFileError, Sample, iter_cc_sbu_align, iter_folder_captions, write_shards
 from mgpt4_dist.errors import UserError
+from mgpt4_dist.tiny.scenes import synthetic_samples
 
 PROG = "mgpt4-make-shards"
 

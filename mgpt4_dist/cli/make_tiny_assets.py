@@ -1,4 +1,4 @@
-"""`mgpt4-make-tiny-assets`: the command-line front of `mgpt4_dist.assets.build_tiny_assets`.
+"""`mgpt4-make-tiny-assets`: the command-line front of `mgpt4_dist.tiny.assets.build_tiny_assets`.
 
 Progress goes to stderr; stdout gets one summary line and then the `overrides:` line to paste
 after a tiny config, so scripts can take the last line of stdout.
@@ -11,7 +11,7 @@ import os
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.assets import build_tiny_assets, tiny_overrides  # imports nothing heavy at module level
+from mgpt4_dist.tiny.assets import build_tiny_assets, tiny_overrides  # imports nothing heavy at module level
 from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.errors import InvalidInputError
 
@@ -44,13 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=examples("mgpt4-make-tiny-assets --out tiny/",
                         "mgpt4-train --config mgpt4_dist/configs/tiny_stage1.yaml $(mgpt4-make-tiny-assets --out tiny/ "
                         "| tail -1 | cut -d' ' -f2-) run_dir=/tmp/r"),
-        description="Write a tiny random MiniGPT-4 setup (tokenizer + LLaMA folder, EVA ViT and Q-Former weight "
+        description="Write a tiny MiniGPT-4 setup (tokenizer + LLaMA folder, EVA ViT and Q-Former weight "
                     "files in the original layouts, synthetic WebDataset shards) and print the config overrides "
-                    "that use it. Reruns with the same options reuse the folder.")
+                    "that use it. The LLaMA and the towers are pretrained on synthetic scenes (about a minute on "
+                    "2 cores) so that a stage-1 run can learn; --random skips that. Reruns with the same options "
+                    "reuse the folder.")
     parser.add_argument("--out", required=True, help="folder to write (created if missing)")
     parser.add_argument("--num-samples", type=_positive_int, default=256, help="synthetic image-text pairs")
     parser.add_argument("--samples-per-shard", type=_positive_int, default=64, help="samples per .tar shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random asset")
+    parser.add_argument("--random", action="store_true",
+                        help="random stand-ins, not pretrained (fast; a run on them cannot learn to use the image)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     return parser
 
@@ -65,11 +69,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
         paths = build_tiny_assets(args.out, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
-                                  seed=args.seed, force=args.force, progress=True)
+                                  seed=args.seed, pretrained=not args.random, force=args.force,
+                                  progress=True)
     except OSError as e:
         # e.g. --out not writable, or a full disk: a usage problem, not a crash.
         raise InvalidInputError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    print(f"tiny assets in {os.path.abspath(args.out)}: LLaMA folder {paths['llm_path']}, "
+    kind = "random" if args.random else "pretrained"
+    print(f"{kind} tiny assets in {os.path.abspath(args.out)}: LLaMA folder {paths['llm_path']}, "
           f"ViT {paths['vit_checkpoint']}, Q-Former {paths['qformer_checkpoint']}, "
           f"{args.num_samples} samples in {paths['shards_pattern']}")
     print("overrides: " + " ".join(tiny_overrides(paths)))

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from mgpt4_dist.assets import asset_paths, tiny_overrides
+from mgpt4_dist.tiny.assets import asset_paths, tiny_overrides
 
 
 def run_cli(*args, cwd=None):
@@ -17,7 +17,7 @@ def run_cli(*args, cwd=None):
 def test_cli_writes_assets_and_prints_the_overrides(tmp_path):
     out = tmp_path / "tiny"
     # A relative --out, as in a quickstart: the overrides must still name absolute paths.
-    args = ("--out", "tiny", "--num-samples", "12", "--samples-per-shard", "5", "--seed", "1")
+    args = ("--out", "tiny", "--num-samples", "12", "--samples-per-shard", "5", "--seed", "1", "--random")
     proc = run_cli(*args, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mgpt4_dist.data.shards import (SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, BadSampleError, CaptionsFileError,
-                                    decode_sample, expand_shard_pattern, iter_cc_sbu_align, iter_folder_captions,
-                                    read_shard_samples, synthetic_samples, write_shards)
+from mgpt4_dist.data.shards import (BadSampleError, CaptionsFileError, decode_sample, expand_shard_pattern,
+                                    iter_cc_sbu_align, iter_folder_captions, read_shard_samples, write_shards)
 from mgpt4_dist.data.transforms import build_image_transform
+from mgpt4_dist.tiny.scenes import SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, synthetic_samples
 
 TRANSFORM = build_image_transform(16)
 
