@@ -22,18 +22,6 @@ def tiny_assets(tmp_path_factory):
     return {**paths, "overrides": tiny_overrides(paths)}
 
 
-@pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
-    """The pretrained tiny bundle as `mgpt4-make-tiny-assets` writes it by default (what the
-    quickstart trains on): stage 1 can learn on it. Pretraining costs about a minute, paid once."""
-    out = tmp_path_factory.mktemp("tiny_world")
-    proc = subprocess.run([os.path.join(BIN, "mgpt4-make-tiny-assets"), "--out", str(out)], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    overrides = proc.stdout.splitlines()[-1].split(" ")[1:]
-    return {"root": str(out), "overrides": overrides, "log": proc.stderr}
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
