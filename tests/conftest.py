@@ -12,7 +12,7 @@ from helpers import BIN, EVAL_ARGS, EVAL_TRAIN_ARGS, REPO, TINY_STAGE1, free_por
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """Tiny LLaMA folder + tokenizer, original-layout ViT/Q-Former files, synthetic shards."""
-    from mgpt4_dist.assets import build_tiny_assets, tiny_overrides
+    from mgpt4_dist.tiny.assets import build_tiny_assets, tiny_overrides
 
     paths = build_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")), num_samples=128, samples_per_shard=32)
     return {**paths, "overrides": tiny_overrides(paths)}

@@ -25,7 +25,8 @@ from bench_md import machine_line, write_section  # noqa: E402
 
 from mgpt4_dist.config import DataConfig
 from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
-from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards
+from mgpt4_dist.data.shards import read_shard_samples, write_shards
+from mgpt4_dist.tiny.scenes import synthetic_samples
 from mgpt4_dist.data.transforms import build_resize_transform, decode_image, normalize_images
 
 

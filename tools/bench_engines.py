@@ -31,7 +31,7 @@ CONFIGS = {
 
 
 def build_small_assets(out: str) -> list:
-    from mgpt4_dist.assets import build_tiny_assets, build_tiny_llm
+    from mgpt4_dist.tiny.assets import build_tiny_assets, build_tiny_llm
 
     paths = build_tiny_assets(os.path.join(out, "tiny"), num_samples=256, samples_per_shard=64)
     llm = os.path.join(out, "small_llm")

@@ -85,9 +85,10 @@ def build_assets(root: str, preset: str, samples: int) -> dict:
     """Weight files in the original layouts, shards, and the caption list, for one preset."""
     import torch
 
-    from mgpt4_dist.assets import (build_tiny_llm, build_tiny_qformer_checkpoint, build_tiny_tokenizer,
+    from mgpt4_dist.tiny.assets import (build_tiny_llm, build_tiny_qformer_checkpoint, build_tiny_tokenizer,
                                    build_tiny_vit_checkpoint)
-    from mgpt4_dist.data.shards import synthetic_samples, write_shards
+    from mgpt4_dist.data.shards import write_shards
+    from mgpt4_dist.tiny.scenes import synthetic_samples
 
     p = PRESETS[preset]
     os.makedirs(root, exist_ok=True)

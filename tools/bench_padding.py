@@ -19,7 +19,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mgpt4_dist.data.samples import raw_caption
-from mgpt4_dist.data.shards import read_shard_samples, synthetic_samples, write_shards
+from mgpt4_dist.data.shards import read_shard_samples, write_shards
+from mgpt4_dist.tiny.scenes import synthetic_samples
 from mgpt4_dist.data.text import blip_caption
 from mgpt4_dist.flops import FlopsModel
 
@@ -76,7 +77,7 @@ def main() -> None:
         if args.llm:
             tok = load_tokenizer(args.llm)
         else:
-            from mgpt4_dist.assets import build_tiny_tokenizer
+            from mgpt4_dist.tiny.assets import build_tiny_tokenizer
 
             tok = load_tokenizer(build_tiny_tokenizer(os.path.join(tmp, "tok")))
         if args.shards:

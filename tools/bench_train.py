@@ -69,8 +69,9 @@ def build_llm_7b(out_dir: str) -> str:
 
 
 def build_assets(root: str, samples: int, preset: str = "small") -> dict:
-    from mgpt4_dist.assets import build_tiny_llm, build_tiny_tokenizer
-    from mgpt4_dist.data.shards import synthetic_samples, write_shards
+    from mgpt4_dist.tiny.assets import build_tiny_llm, build_tiny_tokenizer
+    from mgpt4_dist.data.shards import write_shards
+    from mgpt4_dist.tiny.scenes import synthetic_samples
 
     tok = build_tiny_tokenizer(os.path.join(root, "tok"))
     if preset == "7b":

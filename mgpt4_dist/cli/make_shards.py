@@ -26,9 +26,10 @@ from typing import Iterator, List, Optional, Tuple
 from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.data import Sample
 from mgpt4_dist.data.remote import ShardUnavailableError, is_object_store_url, is_remote_url, join_url, list_object_store
-from mgpt4_dist.data.shards import synthetic_samples, write_shards
+from mgpt4_dist.data.shards import write_shards
 from mgpt4_dist.data.sources import CaptionsFileError, iter_cc_sbu_align, iter_folder_captions
 from mgpt4_dist.errors import UserError
+from mgpt4_dist.tiny.scenes import synthetic_samples
 
 PROG = "mgpt4-make-shards"
 

@@ -1,4 +1,4 @@
-"""`mgpt4-make-tiny-assets`: the command-line front of `mgpt4_dist.assets.build_tiny_assets`.
+"""`mgpt4-make-tiny-assets`: the command-line front of `mgpt4_dist.tiny.assets.build_tiny_assets`.
 
 Progress goes to stderr; stdout gets one summary line and then the `overrides:` line to paste
 after a tiny config, so scripts can take the last line of stdout.
@@ -11,7 +11,7 @@ import os
 import sys
 from typing import List, Optional
 
-from mgpt4_dist.assets import build_tiny_assets, tiny_overrides  # imports nothing heavy at module level
+from mgpt4_dist.tiny.assets import build_tiny_assets, tiny_overrides  # imports nothing heavy at module level
 from mgpt4_dist.cli import ArgumentParser, examples, user_errors
 from mgpt4_dist.errors import InvalidInputError
 

@@ -21,17 +21,14 @@ import json
 import logging
 import lzma
 import os
-import random
 import re
 import sys
 import tarfile
 import tempfile
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import braceexpand
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mgpt4_dist.data import BadSampleError, Sample
@@ -40,8 +37,7 @@ from mgpt4_dist.data.remote import (ShardMissingError, ShardUnavailableError, is
 from mgpt4_dist.data.sources import ALIGN_ANNOTATIONS, align_folder_shards, read_align_shard, virtual_align_shard
 
 __all__ = [
-    "BadSampleError", "SYNTHETIC_COLOURS", "SYNTHETIC_SHAPES", "ShardWriter", "expand_shard_pattern",
-    "read_shard_samples", "synthetic_samples", "write_shards",
+    "BadSampleError", "ShardWriter", "expand_shard_pattern", "read_shard_samples", "write_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -327,90 +323,3 @@ def _read_tar_samples(raw: io.BufferedReader, path: str) -> Iterator[Dict[str, A
         count += 1
     if error is not None:
         raise BadSampleError(f"{path}: truncated or corrupt tar after {count} samples: {error}") from error
-
-
-
-# =============================================================================================
-# Synthetic samples: coloured shapes with captions that name them
-# =============================================================================================
-
-SYNTHETIC_COLOURS: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (240, 220, 40),
-    "purple": (140, 50, 170), "orange": (250, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15),
-}
-SYNTHETIC_SHAPES = ("square", "circle", "triangle", "stripe")
-_SIZES = {"small": (0.25, 0.4), "large": (0.5, 0.7)}  # shape extent as a fraction of the image side
-# Varied wording, casing and punctuation, so caption cleaning has something to do.
-_TEMPLATES = (
-    "A {fg} {shape} on a {bg} background.",
-    "a photo of a {size} {fg} {shape} over a {bg} background",
-    "There is a {size} {fg} {shape} in front of a {bg} background.",
-    "{Size} {fg} {shape} on {bg}.",
-    "An image of a {fg} {shape}; the background is {bg}.",
-    "The picture shows a {fg} {shape} against a plain {bg} background!",
-)
-_ARTICLE_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiou])")
-
-
-@dataclass(frozen=True)
-class _Scene:
-    fg: str
-    bg: str
-    shape: str
-    size: str
-
-
-def _random_scene(rng: random.Random) -> _Scene:
-    fg, bg = rng.sample(sorted(SYNTHETIC_COLOURS), 2)
-    return _Scene(fg=fg, bg=bg, shape=rng.choice(SYNTHETIC_SHAPES), size=rng.choice(sorted(_SIZES)))
-
-
-def _draw_scene(scene: _Scene, image_size: int, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (image_size, image_size), SYNTHETIC_COLOURS[scene.bg])
-    draw = ImageDraw.Draw(image)
-    fill = SYNTHETIC_COLOURS[scene.fg]
-    # A margin keeps the corners background, which tests use to check captions against pixels.
-    margin = max(1, image_size // 8)
-    extent = rng.uniform(*_SIZES[scene.size]) * image_size
-    x0 = rng.uniform(margin, image_size - margin - extent)
-    y0 = rng.uniform(margin, image_size - margin - extent)
-    x1, y1 = x0 + extent, y0 + extent
-    if scene.shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=fill)
-    elif scene.shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif scene.shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
-    elif rng.random() < 0.5:  # stripe: a band a third of the extent thick, across the image
-        draw.rectangle((margin, y0, image_size - 1 - margin, y0 + extent / 3), fill=fill)
-    else:
-        draw.rectangle((x0, margin, x0 + extent / 3, image_size - 1 - margin), fill=fill)
-    return image
-
-
-def _describe(scene: _Scene, rng: random.Random) -> str:
-    text = rng.choice(_TEMPLATES).format(fg=scene.fg, bg=scene.bg, shape=scene.shape, size=scene.size,
-                                         Size=scene.size.capitalize())
-    return _ARTICLE_BEFORE_VOWEL.sub(r"\1n ", text)
-
-
-def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def synthetic_samples(n: int, seed: int = 0, image_size: int = 64) -> Iterator[Sample]:
-    """n seeded (key, JPEG, caption) pairs: one coloured shape on a plain background, described in words.
-
-    Keys are `00000000`, `00000001`, ...; sample i depends only on (seed, i). Captions name both
-    colours and the shape (and sometimes its size), with varied wording.
-    """
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}")
-    for i in range(n):
-        rng = random.Random(f"synthetic:{seed}:{i}")
-        scene = _random_scene(rng)
-        image = _draw_scene(scene, image_size, rng)
-        yield f"{i:08d}", _encode_jpeg(image, quality=90), _describe(scene, rng)
-

@@ -209,7 +209,7 @@ def test_resume_one_rank_on_two(tiny_assets, run_train, tmp_path):
 
 
 def test_checkpoint_for_another_llm_width_is_refused_before_training(tiny_assets, run_train, tmp_path):
-    from mgpt4_dist.assets import build_tiny_llm
+    from mgpt4_dist.tiny.assets import build_tiny_llm
 
     run_dir = str(tmp_path / "run")
     run_train(common(tiny_assets, "train.max_steps=1", f"run_dir={run_dir}"), launcher="none")

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from mgpt4_dist.assets import build_tiny_llm, build_tiny_tokenizer
+from mgpt4_dist.tiny.assets import build_tiny_llm, build_tiny_tokenizer
 from mgpt4_dist.models.weights import ShardReader, weight_shards
 
 CLI = [sys.executable, "-m", "mgpt4_dist.cli.apply_delta"]

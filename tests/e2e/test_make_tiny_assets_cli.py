@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from mgpt4_dist.assets import asset_paths, tiny_overrides
+from mgpt4_dist.tiny.assets import asset_paths, tiny_overrides
 
 
 def run_cli(*args, cwd=None):

@@ -97,7 +97,7 @@ def test_stage2_from_a_stage1_projection_on_a_cc_sbu_align_folder(tiny_assets, r
     import torch
 
     from helpers import TINY_STAGE2
-    from mgpt4_dist.data.shards import synthetic_samples
+    from mgpt4_dist.tiny.scenes import synthetic_samples
 
     root = tmp_path / "cc_sbu_align"
     (root / "image").mkdir(parents=True)

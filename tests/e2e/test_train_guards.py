@@ -62,7 +62,7 @@ def test_run_dir_resume_and_skip_counts(tiny_assets, tmp_path):
     """One run of 2 steps on a shard with 3 corrupt JPEGs, then everything a user may do next in its run dir."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mgpt4_dist.data.shards import synthetic_samples
+    from mgpt4_dist.tiny.scenes import synthetic_samples
 
     members = []
     for i, (key, jpeg, caption) in enumerate(synthetic_samples(8, seed=1)):

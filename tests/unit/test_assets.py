@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from mgpt4_dist.assets import (build_tiny_assets, build_tiny_llm, build_tiny_qformer_checkpoint,
+from mgpt4_dist.tiny.assets import (build_tiny_assets, build_tiny_llm, build_tiny_qformer_checkpoint,
                                build_tiny_tokenizer, build_tiny_vit_checkpoint, tiny_overrides)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

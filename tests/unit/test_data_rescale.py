@@ -34,7 +34,7 @@ def test_rescaled_epoch_streams_start_the_next_pass():
 
 def test_rescaled_state_is_what_the_loader_resumes_from(tmp_path):
     """The new streams read from the rescaled positions (a real shard stream, no processes)."""
-    from mgpt4_dist.assets import build_tiny_assets
+    from mgpt4_dist.tiny.assets import build_tiny_assets
     from mgpt4_dist.data.pipeline import ShardStream, resolve_sources
 
     paths = build_tiny_assets(str(tmp_path / "assets"), num_samples=64, samples_per_shard=16)

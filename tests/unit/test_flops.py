@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mgpt4_dist.assets import build_tiny_llm, build_tiny_tokenizer
+from mgpt4_dist.tiny.assets import build_tiny_llm, build_tiny_tokenizer
 from mgpt4_dist.config import load_config
 from mgpt4_dist.flops import FlopsModel
 from mgpt4_dist.models.llm import load_tokenizer

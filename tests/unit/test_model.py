@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mgpt4_dist.assets import build_tiny_llm, build_tiny_qformer_checkpoint, build_tiny_tokenizer, build_tiny_vit_checkpoint
+from mgpt4_dist.tiny.assets import build_tiny_llm, build_tiny_qformer_checkpoint, build_tiny_tokenizer, build_tiny_vit_checkpoint
 from mgpt4_dist.config import load_config
 from mgpt4_dist.models.llm import load_tokenizer
 from mgpt4_dist.errors import CheckpointMismatchError

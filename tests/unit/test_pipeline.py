@@ -10,7 +10,8 @@ from PIL import Image
 
 from mgpt4_dist.config import DataConfig
 from mgpt4_dist.data.pipeline import ShardStream, build_batch_loader, resolve_sources
-from mgpt4_dist.data.shards import synthetic_samples, write_shards
+from mgpt4_dist.data.shards import write_shards
+from mgpt4_dist.tiny.scenes import synthetic_samples
 
 IMAGE_SIZE = 32
 

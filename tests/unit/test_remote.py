@@ -11,7 +11,8 @@ import pytest
 
 from mgpt4_dist.data.pipeline import DataSourceError, ShardStream, Source, resolve_sources
 from mgpt4_dist.data.remote import ShardMissingError, ShardUnavailableError
-from mgpt4_dist.data.shards import expand_shard_pattern, read_shard_samples, synthetic_samples, write_shards
+from mgpt4_dist.data.shards import expand_shard_pattern, read_shard_samples, write_shards
+from mgpt4_dist.tiny.scenes import synthetic_samples
 from remote_servers import fault_http_server, moto_s3_server, requests_made
 
 RETRY = (3, 0.05)  # retries, backoff: fast for tests

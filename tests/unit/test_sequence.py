@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from mgpt4_dist.assets import build_tiny_tokenizer
+from mgpt4_dist.tiny.assets import build_tiny_tokenizer
 from mgpt4_dist.models.llm import load_tokenizer
 from mgpt4_dist.models.sequence import IGNORE_INDEX, SequenceBuilder
 

@@ -13,9 +13,9 @@ from PIL import Image
 
 from mgpt4_dist.data import BadSampleError
 from mgpt4_dist.data.samples import decode_sample
-from mgpt4_dist.data.shards import (SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, expand_shard_pattern, read_shard_samples,
-                                    synthetic_samples, write_shards)
+from mgpt4_dist.data.shards import expand_shard_pattern, read_shard_samples, write_shards
 from mgpt4_dist.data.transforms import build_image_transform
+from mgpt4_dist.tiny.scenes import SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, synthetic_samples
 
 TRANSFORM = build_image_transform(16)
 

@@ -9,7 +9,8 @@ import pytest
 
 from mgpt4_dist.config import DataConfig
 from mgpt4_dist.data.pipeline import STOP_SIGNALS, build_batch_loader, resolve_sources
-from mgpt4_dist.data.shards import synthetic_samples, write_shards
+from mgpt4_dist.data.shards import write_shards
+from mgpt4_dist.tiny.scenes import synthetic_samples
 
 
 @pytest.fixture(scope="module")

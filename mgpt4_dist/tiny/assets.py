@@ -3,7 +3,8 @@
 This module owns the *writers*: a LLaMA-style sentencepiece tokenizer, a random Hugging Face
 LLaMA folder, EVA ViT and BLIP-2 Q-Former weight files in the original checkpoints' key layout,
 synthetic WebDataset shards, and the cached bundle of all of them (`build_tiny_assets`) with the
-config overrides that point a run at it (`tiny_overrides`).
+config overrides that point a run at it
+(`tiny_overrides`). The towers' sizes come from the shipped `configs/tiny_stage1.yaml`.
 
 The ViT and Q-Former writers work from key names and shapes only, never through the model code,
 so that a loader bug cannot be hidden by a writer that shares it.
@@ -347,12 +348,22 @@ def build_tiny_qformer_checkpoint(path: str, *, vision_width: int = 64, hidden_s
 # The cached bundle
 # ---------------------------------------------------------------------------------------------
 
-# Sizes of the bundle; they match mgpt4_dist/configs/tiny_stage*.yaml.
-TINY_VIT = dict(img_size=224, patch_size=14, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.3637)
-TINY_QFORMER = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, cross_attention_freq=2,
-                    num_query_tokens=32)
+# The tiny towers' sizes are stated once, in the shipped tiny config; the bundle's weight files are
+# written to fit it. The LLM's sizes live here: a run reads them from the LLM folder's config.json.
+TINY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_stage1.yaml")
+_VIT_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+_QFORMER_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "cross_attention_freq",
+                 "num_query_tokens")
 TINY_LLM = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position_embeddings=512)
 TINY_VOCAB_SIZE = 1000
+
+
+def tiny_tower_sizes() -> Tuple[Dict[str, object], Dict[str, object]]:
+    """(ViT sizes, Q-Former sizes) as the builders take them, read from the shipped tiny config."""
+    from mgpt4_dist.config import load_config
+
+    model = load_config(TINY_CONFIG).model
+    return ({k: getattr(model.vit, k) for k in _VIT_KEYS}, {k: getattr(model.qformer, k) for k in _QFORMER_KEYS})
 
 
 def asset_paths(out_dir: str) -> Dict[str, str]:
@@ -366,9 +377,11 @@ def asset_paths(out_dir: str) -> Dict[str, str]:
 
 
 def _bundle_parameters(num_samples: int, samples_per_shard: int, seed: int) -> Dict[str, object]:
-    return {"format_version": ASSETS_FORMAT_VERSION, "num_samples": num_samples,
-            "samples_per_shard": samples_per_shard, "seed": seed, "vocab_size": TINY_VOCAB_SIZE,
-            "llm": TINY_LLM, "vit": TINY_VIT, "qformer": TINY_QFORMER}
+    vit, qformer = tiny_tower_sizes()
+    params: Dict[str, object] = {"format_version": ASSETS_FORMAT_VERSION, "num_samples": num_samples,
+                                 "samples_per_shard": samples_per_shard, "seed": seed, "vocab_size": TINY_VOCAB_SIZE,
+                                 "llm": TINY_LLM, "vit": vit, "qformer": qformer}
+    return params
 
 
 def _read_marker(path: str) -> Optional[Dict[str, object]]:
@@ -383,8 +396,9 @@ def build_tiny_assets(out_dir: str, *, num_samples: int = 256, samples_per_shard
                       force: bool = False, progress: bool = False) -> Dict[str, str]:
     """Build (or reuse) tokenizer + LLM, ViT and Q-Former files and shards under `out_dir`.
 
-    A bundle whose `.complete` marker records the same parameters is reused untouched. The marker
-    is written last, so an interrupted build is redone on the next call.
+    A bundle whose `.complete` marker records
+    the same parameters is reused untouched. The marker is written last, so an interrupted build
+    is redone on the next call.
     """
     if num_samples < 1 or samples_per_shard < 1:
         raise ValueError(f"num_samples and samples_per_shard must be >= 1, got {num_samples}, {samples_per_shard}")
@@ -406,14 +420,15 @@ def build_tiny_assets(out_dir: str, *, num_samples: int = 256, samples_per_shard
     for stale in glob.glob(os.path.join(os.path.dirname(paths["shards_pattern"]), f"{SHARD_PREFIX}-*.tar")):
         os.remove(stale)
 
+    vit_sizes, qformer_sizes = tiny_tower_sizes()
     log.info("building tokenizer and tiny LLaMA in %s", paths["llm_path"])
     build_tiny_tokenizer(paths["llm_path"], vocab_size=TINY_VOCAB_SIZE, seed=seed)
     build_tiny_llm(paths["llm_path"], paths["llm_path"], seed=seed, **TINY_LLM)
     log.info("writing %s", paths["vit_checkpoint"])
-    build_tiny_vit_checkpoint(paths["vit_checkpoint"], seed=seed, **TINY_VIT)
+    build_tiny_vit_checkpoint(paths["vit_checkpoint"], seed=seed, **vit_sizes)
     log.info("writing %s", paths["qformer_checkpoint"])
-    build_tiny_qformer_checkpoint(paths["qformer_checkpoint"], vision_width=TINY_VIT["embed_dim"], seed=seed,
-                                  **TINY_QFORMER)
+    build_tiny_qformer_checkpoint(paths["qformer_checkpoint"], vision_width=vit_sizes["embed_dim"], seed=seed,
+                                  **qformer_sizes)
     log.info("writing %d synthetic samples to %s", num_samples, os.path.dirname(paths["shards_pattern"]))
     write_synthetic_shards(os.path.dirname(paths["shards_pattern"]), num_samples, samples_per_shard, seed, progress)
 
@@ -423,7 +438,8 @@ def build_tiny_assets(out_dir: str, *, num_samples: int = 256, samples_per_shard
 
 def write_synthetic_shards(shards_dir: str, num_samples: int, samples_per_shard: int, seed: int,
                            progress: bool) -> List[str]:
-    from mgpt4_dist.data.shards import synthetic_samples, write_shards
+    from mgpt4_dist.data.shards import write_shards
+    from mgpt4_dist.tiny.scenes import synthetic_samples
 
     os.makedirs(shards_dir, exist_ok=True)
     samples: Iterator[Tuple[str, bytes, str]] = synthetic_samples(num_samples, seed=seed)
