@@ -1,6 +1,9 @@
-"""Plain nn.Modules of MiniGPT-4 and loaders for the original weight files.
+"""Plain nn.Modules of MiniGPT-4 (vit, qformer, llm, minigpt4, sequence), how their parameters are
+created (build.py) and the loaders of the original weight files (weights.py).
 
-Nothing here knows an engine, a launcher or the data pipeline.
+Nothing here knows an engine, a launcher, the data pipeline or a training checkpoint: partitioned
+builds come in through `models.build.LocalBuild`'s interface, and `model.proj_checkpoint` read from
+a training run comes in as tensors (`mgpt4_dist.checkpoint.state.proj_state_for`).
 """
 from mgpt4_dist.models.minigpt4 import MiniGPT4, build_minigpt4
 from mgpt4_dist.models.sequence import SequenceBuilder, TextBatch
