@@ -41,7 +41,8 @@ The two environments (see BENCHMARKS.md):
              typing_extensions.py typing_extensions-*.dist-info triton triton-*.dist-info cuda nvidia* cuda_* \\
              PIL pillow-*.dist-info pillow.libs; do (cd $M && for m in $n; do ln -s $M/$m $U/$m; done); done
     /work/upstream/venv/bin/pip install "transformers==4.30.*" "tokenizers==0.13.3" "peft==0.2.0" \\
-        "accelerate==0.20.3" omegaconf iopath "numpy==1.26.*" sentencepiece
+        "accelerate==0.20.3" omegaconf iopath "numpy==1.26.*" sentencepiece "pandas<2.3" \\
+        "opencv-python-headless==4.7.0.72" "setuptools<81"  # imported by minigpt4.common / accelerate
     /work/upstream/venv/bin/pip install --no-deps "timm==0.6.13"
 
 Ours is this repository's venv (`pip install -e '.[dev]'`).
