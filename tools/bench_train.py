@@ -112,6 +112,7 @@ def original_worker(overrides: list, steps: int, warmup: int, out: str, peak_flo
 
     from mgpt4_dist import dist
     from mgpt4_dist.config import load_config, shard_sources
+    from mgpt4_dist.config import precision_dtype
     from mgpt4_dist.data.pipeline import build_batch_loader, resolve_sources
     from mgpt4_dist.flops import FlopsModel
     from mgpt4_dist.models.llm import load_tokenizer
@@ -120,7 +121,7 @@ def original_worker(overrides: list, steps: int, warmup: int, out: str, peak_flo
 
     cfg = load_config(TINY, overrides)
     info, device = dist.init_distributed()
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    half = None if cfg.train.precision == "fp32" else precision_dtype(cfg.train.precision)
     on_gpu = device.type == "cuda"
     # As the original on a GPU: frozen towers and LLM in the half precision, llama_proj in fp32,
     # the forward under autocast. On CPU the original runs fp32 without autocast.

@@ -7,7 +7,6 @@ writes them), else its one caption; the loss scores the caption training would u
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -15,7 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mgpt4_dist.data import BadSampleError
-from mgpt4_dist.data.samples import decode_feature_sample, decode_sample
+from mgpt4_dist.data.samples import decode_feature_sample, decode_sample, sample_references
 from mgpt4_dist.data.shards import expand_shard_pattern, read_shard_samples
 from mgpt4_dist.data.transforms import build_resize_transform, normalize_images
 from mgpt4_dist.errors import InvalidInputError, MissingFileError
@@ -56,22 +55,6 @@ class EvalSet:
         return stacked if self.features else normalize_images(stacked)
 
 
-def sample_references(raw: dict, caption: str) -> List[str]:
-    """The sample's `captions` list from its KEY.json when present and non-empty, else [caption]."""
-    meta = raw.get("json")
-    if meta is not None:
-        try:
-            data = json.loads(meta if isinstance(meta, str) else bytes(meta).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            data = None
-        refs = data.get("captions") if isinstance(data, dict) else None
-        if isinstance(refs, list):
-            refs = [r for r in refs if isinstance(r, str) and r.strip()]
-            if refs:
-                return refs
-    return [caption]
-
-
 def resolve_eval_shards(patterns: Sequence[str], what: str = "eval.shards") -> List[str]:
     shards: List[str] = []
     for pattern in patterns:
@@ -104,6 +87,7 @@ def read_eval_set(patterns: Sequence[str], max_samples: int, *, image_size: int,
                         inputs, caption = decode_feature_sample(raw, clean_captions, max_caption_words)
                     else:
                         inputs, caption = decode_sample(raw, transform, clean_captions, max_caption_words)
+                    references = sample_references(raw)
                 except BadSampleError as e:
                     skipped += 1
                     reasons.append(str(e))
@@ -111,7 +95,6 @@ def read_eval_set(patterns: Sequence[str], max_samples: int, *, image_size: int,
                 # Every rank decodes every sample (which samples are usable must not depend on the
                 # rank), but keeps the inputs of its own share only.
                 mine = index % world == rank or index in keep
-                references = sample_references(raw, raw_caption_of(raw) or caption)
                 samples.append(EvalSample(index, raw.get("__key__", str(index)), caption, references,
                                           inputs if mine else None))
         except (BadSampleError, OSError) as e:
@@ -130,21 +113,3 @@ def read_eval_set(patterns: Sequence[str], max_samples: int, *, image_size: int,
     if skipped:
         log.warning("%s: skipped %d bad sample(s), e.g. %s", what, skipped, reasons[0])
     return EvalSet(samples, features, skipped, shards)
-
-
-def raw_caption_of(raw: dict) -> Optional[str]:
-    """The uncleaned `caption` of KEY.json (or txt): the reference a single-caption sample gives."""
-    meta = raw.get("json")
-    if meta is not None:
-        try:
-            data = json.loads(meta if isinstance(meta, str) else bytes(meta).decode("utf-8"))
-            if isinstance(data, dict) and isinstance(data.get("caption"), str) and data["caption"].strip():
-                return data["caption"]
-        except (ValueError, UnicodeDecodeError):
-            pass
-    if "txt" in raw:
-        try:
-            return bytes(raw["txt"]).decode("utf-8")
-        except (TypeError, UnicodeDecodeError):
-            return None
-    return None

@@ -246,7 +246,7 @@ def build_processor(cfg: JobConfig, llm_dir: str):
     each `<image>` of the text to a fixed count (`num_image_tokens`, here the 32 query tokens)
     where the chat template put it. `Blip2Processor` cannot serve: it prepends the image tokens
     before BOS, and its `__init__` drops the chat template when loaded (transformers 5.24)."""
-    from tokenizers import AddedToken
+    from transformers import AddedToken
     from transformers import DeepseekVLProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 

@@ -77,7 +77,7 @@ class AnswerStreamer(BaseStreamer):
         self.updates.put(self.text())
 
     def end(self) -> None:
-        pass  # stream_answer ends the queue itself, also when generate raises
+        pass  # AnswerStream ends the queue itself, also when generate raises
 
     def text(self) -> str:
         text = self.tokenizer.decode(self.token_ids, skip_special_tokens=False)

@@ -23,7 +23,7 @@ from package_imports import third_party_imports
 
 # Import name -> distribution name, where they differ or the import is an optional extra's.
 DISTRIBUTIONS = {"yaml": "pyyaml", "PIL": "pillow"}
-OPTIONAL = {"flash_attn": "flash", "bitsandbytes": None}  # extras, or found at run time when asked for
+OPTIONAL = {"flash_attn": "flash", "bitsandbytes": None, "gradio": "demo", "pycocoevalcap": "eval"}  # extras, or found at run time when asked for
 
 
 def setup_requirements() -> tuple:

@@ -1,11 +1,9 @@
 """BLEU-4 and CIDEr-D against values computed by hand, and the references a sample carries."""
-import json
 import math
 
 import pytest
 
 from mgpt4_dist.evaluation.caption_metrics import caption_scores, tokenize_caption
-from mgpt4_dist.evaluation.eval_set import sample_references
 
 
 def test_tokenized_as_blips_caption_cleaner():
@@ -35,10 +33,3 @@ def test_cider_d_by_hand():
 def test_mismatched_lists_are_refused():
     with pytest.raises(ValueError):
         caption_scores(["a"], [])
-
-
-def test_references_from_captions_list_else_caption():
-    raw = {"json": json.dumps({"caption": "first", "captions": ["first", "second"]}).encode()}
-    assert sample_references(raw, "first") == ["first", "second"]
-    assert sample_references({"json": json.dumps({"caption": "only"}).encode()}, "only") == ["only"]
-    assert sample_references({"txt": b"t"}, "t") == ["t"]
