@@ -26,7 +26,7 @@ import torch
 
 from mgpt4_dist import dist, envreport
 from mgpt4_dist.checkpoint import run_dir
-from mgpt4_dist.checkpoint.layout import find_resume_point, step_tag
+from mgpt4_dist.checkpoint.layout import checkpoints_dir, find_resume_point, read_latest, step_tag
 from mgpt4_dist.checkpoint.manager import load_checkpoint, save_checkpoint
 from mgpt4_dist.checkpoint.state import proj_state_for, set_rng_state
 from mgpt4_dist.cache_features import check_sources_kind
@@ -192,11 +192,9 @@ def train(cfg: JobConfig, profile: bool = False, stop: Optional[StopSignal] = No
             if cause is None:
                 raise
             # The save writes a temp folder and renames it, so the previous checkpoint is whole.
-            latest = os.path.join(cfg.run_dir, "checkpoints", "latest")
-            last = None
-            if os.path.isfile(latest):
-                with open(latest) as f:
-                    last = os.path.join(os.path.dirname(latest), f.read().strip())
+            root = checkpoints_dir(cfg.run_dir)
+            tag = read_latest(root)
+            last = os.path.join(root, tag) if tag else None
             raise DiskFullError(
                 f"the disk under run_dir={cfg.run_dir} is full: the checkpoint of step {at_step} could not be "
                 f"written ({' '.join(str(cause).split())[:160]}); "
