@@ -105,6 +105,14 @@ def test_shipped_configs_load(path):
     assert cfg.optim.weight_decay == 0.05
 
 
+def test_tiny_stage2_towers_match_tiny_stage1():
+    # Stage 2 resumes stage 1's towers: the sizes are written twice in YAML, so they must not drift.
+    stage1 = load_config(TINY)
+    stage2 = load_config(os.path.join(os.path.dirname(TINY), "tiny_stage2.yaml"))
+    assert to_dict(stage2)["model"]["vit"] == to_dict(stage1)["model"]["vit"]
+    assert to_dict(stage2)["model"]["qformer"] == to_dict(stage1)["model"]["qformer"]
+
+
 def test_prompts_formatted_with_template(tmp_path):
     prompt_file = tmp_path / "alignment.txt"
     prompt_file.write_text("<Img><ImageHere></Img> Describe this image in detail.\nno placeholder here\n")
