@@ -30,6 +30,7 @@ from mgpt4_dist import dist
 from mgpt4_dist.config import JobConfig, load_prompts
 from mgpt4_dist.evaluation.caption_metrics import caption_scores, require_caption_metrics
 from mgpt4_dist.evaluation.eval_set import EvalSample, EvalSet, read_eval_set, resolve_eval_shards
+from mgpt4_dist.inference.conversation import cut_at_stops
 from mgpt4_dist.models.sequence import SequenceBuilder
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,6 @@ def loss_pass(model_call: ModelCall, eval_set: EvalSet, rank: int, world: int, b
     return dist.all_reduce_sum(total), int(dist.all_reduce_sum(tokens))
 
 
-def cut_caption(text: str, stops: Sequence[str]) -> str:
-    for stop in stops:
-        if stop:
-            text = text.split(stop)[0]
-    return text.replace("<s>", "").strip()
-
-
 def caption_pass(model_call: ModelCall, eval_set: EvalSet, count: int, rank: int, world: int,
                  builder: SequenceBuilder, instruction: Optional[str], max_new_tokens: int, batch_size: int,
                  device: torch.device, end_sym: str,
@@ -121,7 +115,7 @@ def caption_pass(model_call: ModelCall, eval_set: EvalSet, count: int, rank: int
             ids = model_call(eval_set.model_inputs(batch).to(device), prompt.to(device), generate_tokens=max_new_tokens)
         if real:
             for sample, row in zip(batch, ids.cpu()):
-                mine[sample.index] = cut_caption(tokenizer.decode(row, skip_special_tokens=False), stops)
+                mine[sample.index] = cut_at_stops(tokenizer.decode(row, skip_special_tokens=False), stops)
             if on_batch is not None:
                 on_batch(len(batch))
     merged: Dict[int, str] = {}

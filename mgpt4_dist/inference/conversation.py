@@ -3,11 +3,12 @@
 Vicuna v0:  `{system}###Human: <Img><ImageHere></Img> {question}###Assistant: {answer}###Human: ...`
 Llama-2:    `{system}<s>[INST] <Img><ImageHere></Img> {question} [/INST] {answer}<s>[INST] ...`
 The first question joins the image message with a space, as the original `Chat.ask` does.
+Also owns cutting generated text at the stop strings (`cut_at_stops`), for chat, demo and evaluation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from mgpt4_dist.errors import InvalidInputError
 
@@ -66,3 +67,21 @@ def new_conversation(style: str) -> Conversation:
     if style not in STYLES:
         raise InvalidInputError(f"unknown conversation style {style!r}; one of {', '.join(STYLES)}")
     return Conversation(style=style)
+
+
+def cut_at_stops(text: str, stops: Sequence[str], hold_partial_stop: bool = False) -> str:
+    """`text` up to the first of `stops` (empty ones ignored), without `<s>`, stripped.
+
+    `hold_partial_stop` also drops a tail that may be the start of a stop (`#`, `##`): a streamed
+    answer that is still growing then never shows part of the separator.
+    """
+    stops = [s for s in stops if s]
+    for stop in stops:
+        text = text.split(stop)[0]
+    if hold_partial_stop:
+        for stop in stops:
+            for n in range(len(stop) - 1, 0, -1):
+                if text.endswith(stop[:n]):
+                    text = text[:-n]
+                    break
+    return text.replace("<s>", "").strip()

@@ -20,6 +20,7 @@ from typing import Iterator, List, Optional, Sequence
 from transformers.generation.streamers import BaseStreamer
 
 from mgpt4_dist.errors import UserError
+from mgpt4_dist.inference.conversation import cut_at_stops
 from mgpt4_dist.inference.generate import Chat
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,8 @@ class AnswerStreamer(BaseStreamer):
         pass  # AnswerStream ends the queue itself, also when generate raises
 
     def text(self) -> str:
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=False)
-        for stop in self.stops:
-            text = text.split(stop)[0]
-        for stop in self.stops:
-            for n in range(len(stop) - 1, 0, -1):
-                if text.endswith(stop[:n]):
-                    text = text[:-n]
-                    break
-        return text.replace("<s>", "").strip()
+        return cut_at_stops(self.tokenizer.decode(self.token_ids, skip_special_tokens=False), self.stops,
+                            hold_partial_stop=True)
 
 
 class AnswerStream:

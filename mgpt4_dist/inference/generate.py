@@ -17,7 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mgpt4_dist.errors import UserError
-from mgpt4_dist.inference.conversation import Conversation, new_conversation
+from mgpt4_dist.inference.conversation import Conversation, cut_at_stops, new_conversation
 from mgpt4_dist.models.sequence import IMAGE_PLACEHOLDER, SequenceBuilder
 
 
@@ -98,10 +98,7 @@ def generate(bundle, image_embeds_1QD: torch.Tensor, prompt: str, stops: List[st
             inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
             stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stops, 0)]),
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **kwargs)
-    text = tokenizer.decode(out[0], skip_special_tokens=False)
-    for stop in list(stops) + ["</s>", "###"]:
-        text = text.split(stop)[0]
-    text = text.replace("<s>", "")
+    text = cut_at_stops(tokenizer.decode(out[0], skip_special_tokens=False), list(stops) + ["</s>", "###"])
     return text.split("Assistant:")[-1].strip()
 
 

@@ -1,6 +1,7 @@
 """Stopping generation on the conversation's stop strings (`###` for Vicuna v0, `</s>`)."""
 import torch
 
+from mgpt4_dist.inference.conversation import cut_at_stops
 from mgpt4_dist.inference.generate import StopOnStrings
 from mgpt4_dist.models.llm import load_tokenizer
 
@@ -20,6 +21,13 @@ def test_a_row_stops_once_its_generated_text_holds_a_stop_string(tiny_assets):
     assert stops(ids("a cat ###")) == [True]
     assert stops(ids("a dog") + [tokenizer.eos_token_id]) == [True]
     assert stops(ids("a dog") + [tokenizer.eos_token_id], ["###"]) == [False]
+
+
+def test_text_is_cut_at_the_first_stop_and_a_streamed_partial_stop_is_held_back():
+    assert cut_at_stops("<s> a cat###Human: more</s>", ["###", "</s>", ""]) == "a cat"
+    assert cut_at_stops(" a cat ##", ["###"]) == "a cat ##"
+    assert cut_at_stops(" a cat ##", ["###"], hold_partial_stop=True) == "a cat"
+    assert cut_at_stops("a cat </", ["###", "</s>"], hold_partial_stop=True) == "a cat"
 
 
 def test_greedy_tokens_and_chat_prompt_follow_the_training_sequence(tiny_assets):
