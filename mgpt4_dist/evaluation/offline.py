@@ -15,11 +15,8 @@ from mgpt4_dist.config import JobConfig
 from mgpt4_dist.evaluation.caption_metrics import caption_scores, require_caption_metrics
 from mgpt4_dist.evaluation.eval_set import read_eval_set
 from mgpt4_dist.evaluation.evaluate import (caption_instruction, caption_pass, eval_instructions, loss_pass)
+from mgpt4_dist.export.inference_config import is_consolidated
 from mgpt4_dist.models.sequence import SequenceBuilder
-
-
-def is_consolidated(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "config.yaml"))
 
 
 def read_model_config(path: str) -> JobConfig:

@@ -36,6 +36,7 @@ import torch
 
 from mgpt4_dist.config import JobConfig
 from mgpt4_dist.errors import InvalidInputError, UserError
+from mgpt4_dist.export.inference_config import is_consolidated
 from mgpt4_dist.models.hf_blip2 import IMAGE_TOKEN, to_hf_tensors
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
@@ -65,22 +66,11 @@ class _Source:
     description: str
 
 
-def _is_consolidated(path: str) -> bool:
-    conf = os.path.join(path, "config.json")
-    if not (os.path.isdir(path) and os.path.isfile(conf) and os.path.isfile(os.path.join(path, "config.yaml"))):
-        return False
-    try:
-        with open(conf) as f:
-            return json.load(f).get("format") == "mgpt4_dist.consolidated"
-    except (OSError, ValueError):
-        return False
-
-
 def _resolve_source(checkpoint: Optional[str], cfg: Optional[JobConfig]) -> _Source:
     from mgpt4_dist.checkpoint.state import read_proj_source
     from mgpt4_dist.models.weights import proj_state_from_file
 
-    if checkpoint and _is_consolidated(checkpoint):
+    if checkpoint and is_consolidated(checkpoint):
         from mgpt4_dist.inference.loader import read_consolidated_config
 
         cfg, info = read_consolidated_config(checkpoint)

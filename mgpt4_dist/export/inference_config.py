@@ -25,6 +25,18 @@ def read_run_config(step_dir: str) -> JobConfig:
     return config_from_dict(read_yaml(path, "checkpoint config"))
 
 
+def is_consolidated(path: str) -> bool:
+    """A folder written by `mgpt4-consolidate`: its config.json names INFERENCE_FORMAT, beside config.yaml."""
+    conf = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.isfile(conf) and os.path.isfile(os.path.join(path, "config.yaml"))):
+        return False
+    try:
+        with open(conf) as f:
+            return json.load(f).get("format") == INFERENCE_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def conversation_style(cfg: JobConfig) -> str:
     """vicuna0 (`###Human:` turns) or llama2 (`[INST]`): the Llama-2 variant has no Q-Former."""
     return "llama2" if not cfg.model.has_qformer else "vicuna0"
