@@ -5,7 +5,8 @@
     RUN_DIR/checkpoints/.tmp-step_*/     a save in progress, renamed into place when complete
 
 Owns the tag format (`step_tag`, `TAG_RE`, `tag_step`), the `latest` pointer, pruning, the one
-reader of `meta.json`, and the two ways a user names a checkpoint: `checkpoint.resume`
+reader of `meta.json`, the one reader of a step folder's `config.yaml` (`read_step_config`,
+`read_run_config`), and the two ways a user names a checkpoint: `checkpoint.resume`
 (`find_resume_point`) and the path CLIs take (`resolve_step_dir`).
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Optional
 
-from mgpt4_dist.config import JobConfig
-from mgpt4_dist.errors import MissingFileError
+from mgpt4_dist.config import JobConfig, config_from_dict, read_yaml
+from mgpt4_dist.errors import CheckpointMismatchError, MissingFileError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
@@ -83,6 +84,22 @@ def read_meta(step_dir: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def read_step_config(step_dir: str, required: bool = True) -> dict:
+    """The config.yaml a step folder was trained with, as written (keys of another version stay
+    readable). Missing: CheckpointMismatchError when `required`, else {}."""
+    path = os.path.join(step_dir, "config.yaml")
+    if not os.path.isfile(path):
+        if required:
+            raise CheckpointMismatchError(f"{step_dir}: no config.yaml (not a complete mgpt4-train checkpoint)")
+        return {}
+    return read_yaml(path, "checkpoint config")
+
+
+def read_run_config(step_dir: str) -> JobConfig:
+    """The config a step folder was trained with, typed; its config.yaml must exist."""
+    return config_from_dict(read_step_config(step_dir))
 
 
 @dataclass

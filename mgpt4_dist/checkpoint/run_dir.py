@@ -20,7 +20,8 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
-from mgpt4_dist.checkpoint.layout import ResumePoint, checkpoints_dir, list_checkpoints, saved_world_size, tag_step
+from mgpt4_dist.checkpoint.layout import (ResumePoint, checkpoints_dir, list_checkpoints, read_step_config,
+                                         saved_world_size, tag_step)
 from mgpt4_dist.config import ConfigError, JobConfig, config_from_dict, to_dict
 from mgpt4_dist.errors import UserError
 
@@ -169,18 +170,10 @@ def config_changes(old: dict, new: JobConfig, old_layout: Tuple[int, int], new_l
     return breaking, other
 
 
-def read_checkpoint_config(step_dir: str) -> dict:
-    path = os.path.join(step_dir, "config.yaml")
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
-
-
 def check_resume_changes(cfg: JobConfig, step_dir: str, old_world: int, world: int, accum: int) -> None:
     """Print what changed against the checkpoint's config; refuse what breaks exact resume unless
     checkpoint.allow_changes=true."""
-    old = read_checkpoint_config(step_dir)
+    old = read_step_config(step_dir, required=False)
     if not old:
         log.warning("%s has no config.yaml: cannot tell what changed since that checkpoint", step_dir)
         return

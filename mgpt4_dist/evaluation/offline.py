@@ -21,8 +21,7 @@ from mgpt4_dist.models.sequence import SequenceBuilder
 
 def read_model_config(path: str) -> JobConfig:
     """The run config of a consolidated, run or step folder, before anything heavy is loaded."""
-    from mgpt4_dist.checkpoint.layout import resolve_step_dir
-    from mgpt4_dist.export.inference_config import read_run_config
+    from mgpt4_dist.checkpoint.layout import read_run_config, resolve_step_dir
     from mgpt4_dist.inference.loader import read_consolidated_config
 
     if is_consolidated(path):

@@ -4,8 +4,8 @@
 - `proj_file`: the trained projection as one file, the original MiniGPT-4 `.pth` or safetensors
   (`mgpt4-export`);
 - `hf`: a transformers `Blip2ForConditionalGeneration` folder (`mgpt4-export --format hf`);
-- `inference_config`: the run config a checkpoint was trained with, and the `config.json` an
-  exported folder or file carries for `mgpt4_dist.inference.load_model`.
+- `inference_config`: the `config.json` an exported folder or file carries for
+  `mgpt4_dist.inference.load_model`, and `is_consolidated`.
 
 Everything here reads a checkpoint through its engine-neutral trainable state
 (`mgpt4_dist.checkpoint.state.TrainableState`): no process group, GPU or engine is needed.

@@ -22,11 +22,11 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from mgpt4_dist.checkpoint.layout import read_meta, resolve_step_dir
+from mgpt4_dist.checkpoint.layout import read_meta, read_run_config, resolve_step_dir
 from mgpt4_dist.checkpoint.state import TrainableState, proj_state_for
 from mgpt4_dist.config import JobConfig
 from mgpt4_dist.errors import CheckpointMismatchError
-from mgpt4_dist.export.inference_config import inference_config, read_run_config, write_inference_config
+from mgpt4_dist.export.inference_config import inference_config, write_inference_config
 from mgpt4_dist.export.proj_file import write_minigpt4_pth
 
 log = logging.getLogger(__name__)

@@ -87,8 +87,7 @@ def _resolve_source(checkpoint: Optional[str], cfg: Optional[JobConfig]) -> _Sou
         proj = proj_state_from_file(read_proj_source(os.path.join(checkpoint, "model.safetensors")))
         return _Source(cfg, proj, cfg.model.llm_path, None, f"{checkpoint} (consolidated)")
     if checkpoint:
-        from mgpt4_dist.checkpoint.layout import resolve_step_dir
-        from mgpt4_dist.export.inference_config import read_run_config
+        from mgpt4_dist.checkpoint.layout import read_run_config, resolve_step_dir
         from mgpt4_dist.checkpoint.state import TrainableState
 
         step_dir = resolve_step_dir(checkpoint)

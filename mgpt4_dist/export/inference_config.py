@@ -1,4 +1,5 @@
-"""The run config of a checkpoint, and the inference config written beside every export.
+"""The inference config written beside every export, and what makes a folder a consolidated one
+(`is_consolidated`). A step folder's own config.yaml is read by `mgpt4_dist.checkpoint.layout`.
 
 `config.json` (and the `mgpt4_config` metadata of exported safetensors files) holds what
 `mgpt4_dist.inference.load_model` needs: the model config, the conversation style, the text
@@ -10,19 +11,10 @@ import json
 import os
 from typing import List, Optional
 
-from mgpt4_dist.config import JobConfig, config_from_dict, read_yaml, save_config, to_dict
-from mgpt4_dist.errors import CheckpointMismatchError
+from mgpt4_dist.config import JobConfig, save_config, to_dict
 
 INFERENCE_FORMAT = "mgpt4_dist.consolidated"
 INFERENCE_VERSION = 1
-
-
-def read_run_config(step_dir: str) -> JobConfig:
-    """The config a step folder was trained with (its config.yaml)."""
-    path = os.path.join(step_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise CheckpointMismatchError(f"{step_dir}: no config.yaml (not a complete mgpt4-train checkpoint)")
-    return config_from_dict(read_yaml(path, "checkpoint config"))
 
 
 def is_consolidated(path: str) -> bool:

@@ -13,10 +13,10 @@ from typing import Dict
 
 import torch
 
-from mgpt4_dist.checkpoint.layout import read_meta, resolve_step_dir
+from mgpt4_dist.checkpoint.layout import read_meta, read_run_config, resolve_step_dir
 from mgpt4_dist.checkpoint.state import TrainableState
 from mgpt4_dist.errors import InvalidInputError
-from mgpt4_dist.export.inference_config import inference_config, read_run_config
+from mgpt4_dist.export.inference_config import inference_config
 
 FORMATS = ("minigpt4", "safetensors")
 DEFAULT_NAMES = {"minigpt4": "pretrained_minigpt4.pth", "safetensors": "llama_proj.safetensors"}
