@@ -35,6 +35,18 @@ class CheckpointMismatchError(UserError, ValueError):
     model; the message names the file, the key and the expected and found shapes."""
 
 
+class MissingExtraError(UserError, ImportError):
+    """A feature was asked for whose optional extra (`pip install 'mgpt4_dist[EXTRA]'`) is not
+    installed; `extra` names it, the message says what to install."""
+
+    def __init__(self, message: str, extra: str = ""):
+        super().__init__(message)
+        self.extra = extra
+
+    def __reduce__(self):  # crosses process boundaries whole (ImportError would drop `extra`)
+        return type(self), (str(self), self.extra)
+
+
 class DiskFullError(UserError, OSError):
     """No space left where the run writes; the message says where, at which step, and what survives."""
 

@@ -11,25 +11,21 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 from mgpt4_dist.data.text import blip_caption
-from mgpt4_dist.errors import UserError
+from mgpt4_dist.errors import MissingExtraError
 
 # No word limit for scoring: the cleaner's 50-word cut is a training rule.
 _NO_WORD_LIMIT = 10 ** 9
 
 
-class MissingMetricsPackage(UserError, ImportError):
-    """Caption metrics were asked for, and pycocoevalcap is not installed."""
-
-
 def require_caption_metrics(what: str) -> None:
-    """Raise MissingMetricsPackage naming the install command unless pycocoevalcap imports."""
+    """Raise MissingExtraError naming the install command unless pycocoevalcap imports."""
     try:
         from pycocoevalcap.bleu.bleu import Bleu  # noqa: F401
         from pycocoevalcap.cider.cider import Cider  # noqa: F401
     except ImportError:
-        raise MissingMetricsPackage(
+        raise MissingExtraError(
             f"{what} needs pycocoevalcap for BLEU-4 and CIDEr-D: pip install 'mgpt4_dist[eval]' (or pip install "
-            f"pycocoevalcap)") from None
+            f"pycocoevalcap)", extra="eval") from None
 
 
 def tokenize_caption(caption: str) -> str:

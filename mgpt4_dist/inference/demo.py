@@ -19,7 +19,7 @@ from typing import Iterator, List, Optional, Sequence
 
 from transformers.generation.streamers import BaseStreamer
 
-from mgpt4_dist.errors import UserError
+from mgpt4_dist.errors import MissingExtraError, UserError
 from mgpt4_dist.inference.conversation import cut_at_stops
 from mgpt4_dist.inference.generate import Chat
 
@@ -28,18 +28,14 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'mgpt4_dist[demo]'"
 
 
-class MissingDependencyError(UserError, ImportError):
-    """An optional dependency of the asked-for feature is not installed."""
-
-
 def import_gradio():
-    """gradio with its telemetry off, or a MissingDependencyError that names the extra to install."""
+    """gradio with its telemetry off, or a MissingExtraError that names the extra to install."""
     # Read when gradio is imported: the version check and usage analytics would call out to the internet.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:
         import gradio
     except ImportError as e:
-        raise MissingDependencyError(f"the web demo needs gradio ({e}): {INSTALL_HINT}") from None
+        raise MissingExtraError(f"the web demo needs gradio ({e}): {INSTALL_HINT}", extra="demo") from None
     return gradio
 
 
