@@ -78,7 +78,7 @@ def prune(root: str, keep_last: int) -> None:
 
 
 def read_meta(step_dir: str) -> dict:
-    """A step folder's meta.json (step, world_size, backend, zero_stage), or {} when it has none."""
+    """A step folder's meta.json (step, world_size, backend, zero_stage, layout), or {} when it has none."""
     path = os.path.join(step_dir, "meta.json")
     if not os.path.isfile(path):
         return {}

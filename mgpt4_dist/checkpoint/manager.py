@@ -15,7 +15,8 @@ source of consolidation, export, `model.proj_checkpoint` and resharded resume; t
 files serve a resume on the same engine and layout, and DeepSpeed's tools (`zero_to_fp32.py`).
 
 Resuming (`load_checkpoint`):
-- same backend, world size (and ZeRO stage for DeepSpeed): the engine's own loader, each rank's
+- same world size and engine layout (`Engine.layout()`, recorded as meta.json's `layout`: the
+  backend, and the ZeRO stage for DeepSpeed): the engine's own loader, each rank's
   trainer state and RNG states as saved: the run continues bit for bit;
 - another backend (DeepSpeed ZeRO 0-3 <-> FSDP2), world size or ZeRO stage: the checkpoint is
   resharded. `trainable_state.safetensors` gives the full fp32 master weights and Adam moments,
@@ -49,6 +50,7 @@ from mgpt4_dist.checkpoint.state import (TRAINABLE_STATE, TrainableState, load_t
 from mgpt4_dist.config import JobConfig, save_config
 from mgpt4_dist.errors import CheckpointMismatchError
 from mgpt4_dist.models.weights import proj_shape_hint
+from mgpt4_dist.parallel.base import layout_name
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ def save_checkpoint(engine, cfg: JobConfig, step: int, trainer_state: dict, rank
         save_config(cfg, os.path.join(tmp, "config.yaml"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": step, "world_size": trainer_state.get("world_size"),
-                       "backend": cfg.parallel.backend, "zero_stage": cfg.parallel.zero_stage}, f)
+                       "backend": cfg.parallel.backend, "zero_stage": cfg.parallel.zero_stage,
+                       "layout": engine.layout()}, f)
         if os.path.exists(final):  # a re-save of the same step (e.g. after resume): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -117,11 +120,9 @@ def load_checkpoint(engine, point: ResumePoint, cfg: JobConfig, rank: int, world
 
     old_world = saved_world_size(point.path)  # also refuses a folder without meta.json
     meta = read_meta(point.path)
-    old_backend = meta.get("backend", "deepspeed")
-    same_stage = int(meta.get("zero_stage", cfg.parallel.zero_stage)) == cfg.parallel.zero_stage
-    # FSDP has no ZeRO stage: its checkpoints record the config's unused default.
-    same_layout = (old_world == world_size and old_backend == cfg.parallel.backend
-                   and (same_stage or cfg.parallel.backend != "deepspeed"))
+    old_layout = meta.get("layout") or layout_name(  # a meta.json written before it named the layout
+        meta.get("backend", "deepspeed"), int(meta.get("zero_stage", cfg.parallel.zero_stage)))
+    same_layout = old_world == world_size and old_layout == engine.layout()
     saved = None
     if same_layout and not os.path.isfile(os.path.join(point.path, TRAINABLE_STATE)):
         # Written before every checkpoint had the file: the engine reads its own files (and checks
@@ -135,8 +136,7 @@ def load_checkpoint(engine, point: ResumePoint, cfg: JobConfig, rank: int, world
         engine.load(point.root, point.tag)
     else:
         log.info("resharding %s: written by %d ranks (%s), resuming on %d ranks (%s)", point.path, old_world,
-                 _layout(old_backend, meta.get("zero_stage")), world_size,
-                 _layout(cfg.parallel.backend, cfg.parallel.zero_stage))
+                 old_layout, world_size, engine.layout())
         load_resharded(engine, saved)
     workers = max(1, cfg.data.num_workers)
     if old_world == world_size:
@@ -161,10 +161,6 @@ def load_checkpoint(engine, point: ResumePoint, cfg: JobConfig, rank: int, world
         torch.manual_seed(seed)
         state["rng"] = rng_state()
     return state
-
-
-def _layout(backend: str, zero_stage) -> str:
-    return f"deepspeed ZeRO-{zero_stage}" if backend == "deepspeed" else backend
 
 
 def load_resharded(engine, saved: TrainableState) -> None:

@@ -102,6 +102,12 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise PrecisionUnsupported(problem)
 
 
+def layout_name(backend: str, zero_stage: Optional[int]) -> str:
+    """The name of the file layout a backend's own checkpoints have, as meta.json's `layout` records
+    it: `Engine.load` reads only its own layout. DeepSpeed's depends on the ZeRO stage, FSDP has one."""
+    return f"deepspeed ZeRO-{zero_stage}" if backend == "deepspeed" else backend
+
+
 class Engine(abc.ABC):
     """What the training loop may do with a model; implemented once per backend."""
 
@@ -131,7 +137,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def load(self, ckpt_root: str, tag: str) -> None:
-        """Read a checkpoint this backend wrote with the same world size (and ZeRO stage)."""
+        """Read a checkpoint this backend wrote with the same world size and `layout()`."""
+
+    @abc.abstractmethod
+    def layout(self) -> str:
+        """The `layout_name` of the files `save` writes (e.g. "deepspeed ZeRO-2", "fsdp"); a checkpoint
+        of another layout is resumed through the engine-neutral trainable state instead."""
 
     @abc.abstractmethod
     def get_full_state(self) -> FullState:

@@ -15,7 +15,7 @@ from torch import nn
 from mgpt4_dist.config import ConfigError, JobConfig, precision_dtype
 from mgpt4_dist.errors import MissingFileError
 from mgpt4_dist.optim import build_optimizer, build_scheduler
-from mgpt4_dist.parallel.base import Engine
+from mgpt4_dist.parallel.base import Engine, layout_name
 from mgpt4_dist.checkpoint.state import MOMENTS, FullState
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ class DeepSpeedEngine(Engine):
 
     def backend_config(self) -> Optional[tuple[str, dict]]:
         return "ds_config.json", self.ds_config
+
+    def layout(self) -> str:
+        return layout_name("deepspeed", self.cfg.parallel.zero_stage)
 
     def forward(self, images: torch.Tensor, text) -> torch.Tensor:
         return self.engine(images, text)

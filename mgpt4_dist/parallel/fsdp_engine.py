@@ -30,7 +30,7 @@ from mgpt4_dist.config import JobConfig, precision_dtype
 from mgpt4_dist.errors import MissingFileError
 from mgpt4_dist.models.minigpt4 import transformer_blocks
 from mgpt4_dist.optim import build_optimizer, build_scheduler
-from mgpt4_dist.parallel.base import Engine
+from mgpt4_dist.parallel.base import Engine, layout_name
 from mgpt4_dist.checkpoint.state import MOMENTS, FullState
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class FSDPEngine(Engine):
         self._skipped = 0
         self._grad_norm: Optional[float] = None
         self._set_sync(self.accum == 1)
+
+    def layout(self) -> str:
+        return layout_name("fsdp", None)
 
     def _set_sync(self, sync: bool) -> None:
         # no_sync equivalent: gradients of non-final micro-batches stay local and accumulate.
