@@ -28,6 +28,7 @@ from mgpt4_dist.config import JobConfig
 from mgpt4_dist.errors import CheckpointMismatchError
 from mgpt4_dist.export.inference_config import inference_config, write_inference_config
 from mgpt4_dist.export.proj_file import write_minigpt4_pth
+from mgpt4_dist.export.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -81,44 +82,15 @@ def _frozen_tensor_sources(cfg: JobConfig) -> Iterator[Tuple[str, torch.Tensor]]
 
 def _write_full(cfg: JobConfig, trained: Dict[str, torch.Tensor], out_dir: str, shard_bytes: int,
                 metadata: dict) -> List[str]:
-    from safetensors.torch import save_file
-
-    shards: List[Dict[str, torch.Tensor]] = [dict(trained)]
-    sizes = [sum(t.numel() * t.element_size() for t in trained.values())]
-    names: List[List[str]] = [list(trained)]
-    tmp_files = []
-
-    def flush(i):
-        name = f".shard-{i:05d}.safetensors"
-        save_file(shards[i], os.path.join(out_dir, name), metadata=metadata)
-        tmp_files.append(name)
-        shards[i] = {}
-
+    writer = ShardWriter(out_dir, shard_bytes, metadata=metadata, index_metadata=metadata, single_file=False)
+    writer.add_together(trained)  # the trained tensors lead the first shard, whatever its size
     for key, tensor in _frozen_tensor_sources(cfg):
-        nbytes = tensor.numel() * tensor.element_size()
-        if sizes[-1] + nbytes > shard_bytes and sizes[-1] > 0:
-            flush(len(shards) - 1)
-            shards.append({})
-            sizes.append(0)
-            names.append([])
-        shards[-1][key] = tensor.contiguous()
-        sizes[-1] += nbytes
-        names[-1].append(key)
-    flush(len(shards) - 1)
-    total = len(tmp_files)
-    weight_map, files = {}, []
-    for i, tmp in enumerate(tmp_files):
-        final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
-        files.append(final)
-        for key in names[i]:
-            weight_map[key] = final
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(sizes), **metadata}, "weight_map": weight_map}, f, indent=1)
+        writer.add(key, tensor)
+    files = writer.finish()
     # The tokenizer and LLM config travel with the weights so the folder stands alone.
     llm_dir = os.path.join(out_dir, "llm")
     os.makedirs(llm_dir, exist_ok=True)
     for name in os.listdir(cfg.model.llm_path):
         if not name.endswith((".safetensors", ".bin", ".pth")) and os.path.isfile(os.path.join(cfg.model.llm_path, name)):
             shutil.copyfile(os.path.join(cfg.model.llm_path, name), os.path.join(llm_dir, name))
-    return files + ["model.safetensors.index.json", "llm/"]
+    return files + ["llm/"]

@@ -30,13 +30,14 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 from mgpt4_dist.config import JobConfig
 from mgpt4_dist.errors import InvalidInputError, UserError
 from mgpt4_dist.export.inference_config import is_consolidated
+from mgpt4_dist.export.shards import ShardWriter
 from mgpt4_dist.models.hf_blip2 import IMAGE_TOKEN, to_hf_tensors
 
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
@@ -260,50 +261,6 @@ def build_processor(cfg: JobConfig, llm_dir: str):
 
 # --------------------------------------------------------------------------- writing
 
-class _ShardWriter:
-    """Safetensors shards of at most `shard_bytes` (one tensor may exceed it), written as they fill."""
-
-    def __init__(self, out_dir: str, shard_bytes: int):
-        self.out_dir, self.shard_bytes = out_dir, shard_bytes
-        self.current: Dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.files: List[Tuple[str, List[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + nbytes > self.shard_bytes:
-            self.flush()
-        self.current[name] = tensor.contiguous()
-        self.current_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.current:
-            return
-        tmp = f".shard-{len(self.files):05d}.safetensors"
-        save_file(self.current, os.path.join(self.out_dir, tmp), metadata={"format": "pt"})
-        self.files.append((tmp, list(self.current)))
-        self.current, self.current_bytes = {}, 0
-
-    def finish(self) -> List[str]:
-        self.flush()
-        if len(self.files) == 1:
-            os.replace(os.path.join(self.out_dir, self.files[0][0]), os.path.join(self.out_dir, "model.safetensors"))
-            return ["model.safetensors"]
-        weight_map, names = {}, []
-        for i, (tmp, keys) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, final))
-            names.append(final)
-            weight_map.update({k: final for k in keys})
-        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=1)
-        return names + ["model.safetensors.index.json"]
-
-
 def _expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
     """Every tensor transformers' model holds, with its shape, from a meta-device build (no memory)."""
     from transformers import Blip2ForConditionalGeneration
@@ -349,7 +306,7 @@ def _write(source: _Source, out_dir: str, shard_bytes: int, progress: bool) -> d
     expected = _expected_shapes(config)
 
     count, tensors = _our_tensors(source)
-    writer = _ShardWriter(out_dir, shard_bytes)
+    writer = ShardWriter(out_dir, shard_bytes)
     written = set()
     bar = tqdm(total=count, desc="exporting to transformers", unit="tensor", disable=not progress, file=sys.stderr)
     for name, tensor in to_hf_tensors(_counted(tensors(), bar)):
