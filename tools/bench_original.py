@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -308,14 +309,15 @@ def main() -> None:
                 cmd = list(commands[variant])
                 if variant != "upstream":
                     run = os.path.join(tmp, preset, f"run_{variant}_{r}")
+                    shutil.rmtree(run, ignore_errors=True)  # a kept folder's old run would resume as finished
                     cmd += [f"run_dir={run}", f"train.max_steps={steps}", "checkpoint.every_steps=100000"]
                 try:
                     stamps = timed_run(cmd, up_env if variant == "upstream" else env, REPO,
                                        os.path.join(tmp, preset, f"log_{variant}_{r}.txt"))
-                except RuntimeError as e:  # one failed variant leaves the others' numbers standing
-                    print(f"[{preset}] round {r + 1} {variant}: FAILED: {e}", flush=True)
+                    rate = rate_between(stamps, args.warmup, steps, args.micro_batch)
+                except (RuntimeError, KeyError) as e:  # one failed variant leaves the others' numbers standing
+                    print(f"[{preset}] round {r + 1} {variant}: FAILED: {e!r}", flush=True)
                     continue
-                rate = rate_between(stamps, args.warmup, steps, args.micro_batch)
                 rates[variant].append(rate)
                 loads.append(os.getloadavg()[0])
                 print(f"[{preset}] round {r + 1} {variant}: {rate:.2f} samples/s (load {loads[-1]:.2f})", flush=True)
