@@ -37,7 +37,7 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _drop_records_after(path: str, step: int) -> None:
+def drop_records_after(path: str, step: int) -> None:
     """Rewrite `path` without the records of steps after `step` (atomically: a crash leaves either file)."""
     if not os.path.isfile(path):
         return
@@ -67,7 +67,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        _drop_records_after(self.jsonl_path, resume_step)
+        drop_records_after(self.jsonl_path, resume_step)
         self.jsonl = open(self.jsonl_path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

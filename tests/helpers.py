@@ -1,10 +1,12 @@
 """Plain helpers shared by test modules (imported as `from helpers import ...`; fixtures stay in
 conftest.py, which no test imports): repository paths, a free port, metrics.jsonl reading, and
 hand-made step folders for the checkpoint and export unit tests."""
+import io
 import json
 import os
 import socket
 import sys
+import tarfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_STAGE1 = os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")
@@ -16,6 +18,15 @@ BIN = os.path.dirname(sys.executable)
 # held-out samples with micro-batches of 2 over 2 ranks give shares of 3 and 2, so one rank pads a call.
 EVAL_ARGS = ["eval.every_steps=2", "eval.max_samples=5", "eval.num_samples=2", "eval.max_new_tokens=4"]
 EVAL_TRAIN_ARGS = ["train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", "checkpoint.every_steps=2"]
+
+
+def write_tar(path, members):
+    """A tar of (member name, bytes) pairs, as a hand-made shard."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def free_port() -> int:

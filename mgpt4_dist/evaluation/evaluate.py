@@ -31,6 +31,7 @@ from mgpt4_dist.config import JobConfig, load_prompts
 from mgpt4_dist.evaluation.caption_metrics import caption_scores, require_caption_metrics
 from mgpt4_dist.evaluation.eval_set import EvalSample, EvalSet, read_eval_set, resolve_eval_shards
 from mgpt4_dist.inference.conversation import cut_at_stops
+from mgpt4_dist.metrics import drop_records_after
 from mgpt4_dist.models.sequence import SequenceBuilder
 
 log = logging.getLogger(__name__)
@@ -140,20 +141,6 @@ def preserved_rng(device: torch.device):
             torch.cuda.set_rng_state(state[3], device)
 
 
-def drop_sample_records_after(path: str, step: int) -> None:
-    """A resumed run drops what a crashed attempt logged past its checkpoint (as metrics.jsonl does)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-
 class Evaluator:
     """What the training loop runs every `eval.every_steps` steps and at the last step."""
 
@@ -172,7 +159,7 @@ class Evaluator:
         self.num_shown = min(cfg.eval.num_samples, len(self.eval_set))
         self.samples_path = os.path.join(cfg.run_dir, SAMPLES_FILE)
         if rank == 0:
-            drop_sample_records_after(self.samples_path, resume_step)
+            drop_records_after(self.samples_path, resume_step)
         log.info("eval: %d held-out samples from %d shard(s) every %d steps; %d captioned (%d shown, %d scored)",
                  len(self.eval_set), len(self.eval_set.shards), cfg.eval.every_steps,
                  max(self.num_shown, self.num_metric), self.num_shown, self.num_metric)

@@ -7,7 +7,7 @@ import os
 import subprocess
 import tarfile
 
-from helpers import BIN, read_metrics
+from helpers import BIN, read_metrics, write_tar
 
 EVAL = os.path.join(BIN, "mgpt4-eval")
 
@@ -39,14 +39,6 @@ def test_eval_matches_the_runs_own_evaluation(eval_run, tmp_path):
     assert summary.returncode == 0, summary.stderr[-3000:]
     line = summary.stdout.strip().splitlines()[-1]
     assert line.startswith("mgpt4-eval: 2 samples from ") and "BLEU-4" in line and "CIDEr-D" in line, line
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_eval_errors(eval_run, tmp_path):

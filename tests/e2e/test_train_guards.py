@@ -6,13 +6,12 @@ import io
 import json
 import os
 import subprocess
-import tarfile
 
 import numpy as np
 import pytest
 import yaml
 
-from helpers import BIN, REPO, TINY_STAGE1, read_metrics
+from helpers import BIN, REPO, TINY_STAGE1, read_metrics, write_tar
 from mgpt4_dist.config import ConfigError, load_config
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -35,14 +34,6 @@ def refused(proc, command="mgpt4-train"):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f"{command}: error: "), proc.stderr[-3000:]
     return line
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def npy(array):
