@@ -20,6 +20,16 @@ PORT=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); pr
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" --module mgpt4_dist.train \
   --config mgpt4_dist/configs/tiny_stage1.yaml run_dir="$RUN" "${OVERRIDES[@]}" "$@"
 
+# Held-out scenes (a seed the assets never use): captions with the projection at init and trained.
+HELDOUT="$OUT/heldout"
+if [ ! -f "$HELDOUT/.seed-777" ]; then
+  rm -rf "$HELDOUT"
+  mgpt4-make-shards --synthetic 64 --seed 777 --out "$HELDOUT" --samples-per-shard 64 > /dev/null
+  touch "$HELDOUT/.seed-777"
+fi
+echo "[quickstart] what the run learnt, on 64 held-out scenes:"
+python -m mgpt4_dist.tiny.probe "$RUN" --shards "$HELDOUT/*.tar" --out "$RUN/learning_probe.json"
+
 echo "[quickstart] finished in $(( $(date +%s) - START )) s"
 echo "[quickstart]   metrics:     $RUN/metrics.jsonl"
 echo "[quickstart]   TensorBoard: $RUN/tb   (tensorboard --logdir $RUN/tb)"

@@ -9,12 +9,37 @@ import pytest
 from helpers import BIN, EVAL_ARGS, EVAL_TRAIN_ARGS, REPO, TINY_STAGE1, free_port
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stand_in_cache(tmp_path_factory):
+    """A session's own cache of pretrained tiny stand-ins: the suite pretrains them once (whichever test
+    needs them first: the quickstart, the installed wheel, the learning test), and always does."""
+    path = str(tmp_path_factory.mktemp("mgpt4_cache"))
+    previous = os.environ.get("MGPT4_CACHE_DIR")
+    os.environ["MGPT4_CACHE_DIR"] = path  # subprocesses (CLIs, launchers) inherit it
+    yield path
+    if previous is None:
+        os.environ.pop("MGPT4_CACHE_DIR", None)
+    else:
+        os.environ["MGPT4_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
-    """Tiny LLaMA folder + tokenizer, original-layout ViT/Q-Former files, synthetic shards."""
+    """Tiny LLaMA folder + tokenizer, original-layout ViT/Q-Former files, synthetic shards: the random
+    primitives (nothing to learn; loaders, layouts, engines)."""
     from mgpt4_dist.tiny.assets import build_tiny_assets, tiny_overrides
 
-    paths = build_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")), num_samples=128, samples_per_shard=32)
+    paths = build_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")), num_samples=128, samples_per_shard=32,
+                              pretrained=False)
+    return {**paths, "overrides": tiny_overrides(paths)}
+
+
+@pytest.fixture(scope="session")
+def learnable_assets(tmp_path_factory):
+    """The bundle `mgpt4-make-tiny-assets` writes by default: pretrained stand-ins, 256 training scenes."""
+    from mgpt4_dist.tiny.assets import build_tiny_assets, tiny_overrides
+
+    paths = build_tiny_assets(str(tmp_path_factory.mktemp("learnable_assets")))
     return {**paths, "overrides": tiny_overrides(paths)}
 
 

@@ -20,6 +20,25 @@ EVAL_ARGS = ["eval.every_steps=2", "eval.max_samples=5", "eval.num_samples=2", "
 EVAL_TRAIN_ARGS = ["train.max_steps=4", "train.log_every=1", "train.micro_batch_size=2", "checkpoint.every_steps=2"]
 
 
+# What a tiny stage-1 run learns (issue 14; tests/e2e/test_tiny_learning.py and the quickstart test):
+# chance is ~17 %, after the shipped 40 steps the run names ~65 % of held-out attributes right and a
+# scene's own caption loss is ~65 % below another's. At the initial projection the stand-ins keep the
+# two within ~1.2 % over projection draws (issue 14's 0.5 % is not met for every draw: see its note).
+ACCURACY_AFTER_AT_LEAST = 0.45
+ACCURACY_BEFORE_AT_MOST = 0.30
+GAP_AFTER_AT_LEAST = 0.02
+GAP_BEFORE_AT_MOST = 0.02
+
+
+def check_learnt(report):
+    """The learning criteria on one held-out set, from a `mgpt4_dist.tiny.probe` report."""
+    before, after = report["before"], report["after"]
+    assert abs(before["gap"]) <= GAP_BEFORE_AT_MOST, before  # at the initial projection the image hardly matters
+    assert after["gap"] >= GAP_AFTER_AT_LEAST, after  # trained: a scene's own caption is clearly more likely
+    assert before["attribute_accuracy"] <= ACCURACY_BEFORE_AT_MOST, before
+    assert after["attribute_accuracy"] >= ACCURACY_AFTER_AT_LEAST, after
+
+
 def write_tar(path, members):
     """A tar of (member name, bytes) pairs, as a hand-made shard."""
     with tarfile.open(path, "w") as tar:

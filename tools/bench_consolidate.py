@@ -46,7 +46,7 @@ TOOLS = {
 def make_checkpoint(work: str) -> str:
     from mgpt4_dist.tiny.assets import build_tiny_assets, build_tiny_llm, build_tiny_vit_checkpoint
 
-    paths = build_tiny_assets(os.path.join(work, "assets"), num_samples=32, samples_per_shard=16)
+    paths = build_tiny_assets(os.path.join(work, "assets"), num_samples=32, samples_per_shard=16, pretrained=False)
     llm = build_tiny_llm(os.path.join(work, "llm4096"), paths["llm_path"], hidden_size=4096, num_layers=1,
                          num_heads=32, intermediate_size=128)
     vit = build_tiny_vit_checkpoint(os.path.join(work, "vit1408.pth"), embed_dim=1408, depth=1, num_heads=16)

@@ -33,7 +33,7 @@ CONFIGS = {
 def build_small_assets(out: str) -> list:
     from mgpt4_dist.tiny.assets import build_tiny_assets, build_tiny_llm
 
-    paths = build_tiny_assets(os.path.join(out, "tiny"), num_samples=256, samples_per_shard=64)
+    paths = build_tiny_assets(os.path.join(out, "tiny"), num_samples=256, samples_per_shard=64, pretrained=False)
     llm = os.path.join(out, "small_llm")
     if not os.path.isdir(llm):
         build_tiny_llm(llm, paths["llm_path"], hidden_size=256,

@@ -44,13 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=examples("mgpt4-make-tiny-assets --out tiny/",
                         "mgpt4-train --config mgpt4_dist/configs/tiny_stage1.yaml $(mgpt4-make-tiny-assets --out tiny/ "
                         "| tail -1 | cut -d' ' -f2-) run_dir=/tmp/r"),
-        description="Write a tiny random MiniGPT-4 setup (tokenizer + LLaMA folder, EVA ViT and Q-Former weight "
+        description="Write a tiny MiniGPT-4 setup (tokenizer + LLaMA folder, EVA ViT and Q-Former weight "
                     "files in the original layouts, synthetic WebDataset shards) and print the config overrides "
-                    "that use it. Reruns with the same options reuse the folder.")
+                    "that use it. The LLaMA and Q-Former are pretrained stand-ins (about a minute and a half on 2 "
+                    "cores the first time, then copied from the cache in $MGPT4_CACHE_DIR or ~/.cache/mgpt4_dist), "
+                    "so a stage-1 run learns to use the image. Reruns with the same options reuse the folder.")
     parser.add_argument("--out", required=True, help="folder to write (created if missing)")
     parser.add_argument("--num-samples", type=_positive_int, default=256, help="synthetic image-text pairs")
     parser.add_argument("--samples-per-shard", type=_positive_int, default=64, help="samples per .tar shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random asset")
+    parser.add_argument("--random", action="store_true",
+                        help="random LLaMA and Q-Former instead of the pretrained stand-ins (nothing to learn; "
+                             "for tests of loaders and file layouts)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder is up to date")
     return parser
 
@@ -65,11 +70,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
         paths = build_tiny_assets(args.out, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
-                                  seed=args.seed, force=args.force, progress=True)
+                                  seed=args.seed, pretrained=not args.random, force=args.force, progress=True)
     except OSError as e:
         # e.g. --out not writable, or a full disk: a usage problem, not a crash.
         raise InvalidInputError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
-    print(f"tiny assets in {os.path.abspath(args.out)}: LLaMA folder {paths['llm_path']}, "
+    kind = "random" if args.random else "pretrained"
+    print(f"tiny assets ({kind} stand-ins) in {os.path.abspath(args.out)}: LLaMA folder {paths['llm_path']}, "
           f"ViT {paths['vit_checkpoint']}, Q-Former {paths['qformer_checkpoint']}, "
           f"{args.num_samples} samples in {paths['shards_pattern']}")
     print("overrides: " + " ".join(tiny_overrides(paths)))

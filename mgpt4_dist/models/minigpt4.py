@@ -93,7 +93,10 @@ class MiniGPT4(nn.Module):
         return tokens_BTD.masked_scatter(slots, image_embeds_BQD.to(tokens_BTD.dtype))
 
     def loss_terms(self, images_BCHW: torch.Tensor, text: TextBatch) -> LossTerms:
-        image_embeds_BQD = self.encode_image(images_BCHW)
+        return self.loss_terms_of_embeds(self.encode_image(images_BCHW), text)
+
+    def loss_terms_of_embeds(self, image_embeds_BQD: torch.Tensor, text: TextBatch) -> LossTerms:
+        """The loss with the image embeddings already in the LLM's width (what llama_proj outputs)."""
         inputs_BTD = self.embed_sequence(image_embeds_BQD, text)
         # Padding only ever trails the real tokens, so causal attention alone hides it.
         hidden_BTD = self.llm.model(inputs_embeds=inputs_BTD, use_cache=False).last_hidden_state
@@ -243,7 +246,7 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
         weight_files.load_proj_checkpoint(model.llama_proj, cfg.proj_checkpoint, build, proj_source)
     else:
         log.info("weights: llama_proj randomly initialised (no model.proj_checkpoint)")
-        init_llama_proj(model.llama_proj, seed + 2, build)
+        init_llama_proj(model.llama_proj, initial_proj_seed(seed), build)
     if not build.sharded:
         cast_parameters(model, dtype, vit_dtype(cfg, dtype))
     build.built(model)
@@ -265,6 +268,12 @@ def cast_parameters(model: MiniGPT4, dtype: torch.dtype, vit_dt: torch.dtype) ->
     for p in model.parameters():
         if id(p) not in vit_params and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+
+
+def initial_proj_seed(seed: int) -> int:
+    """The seed llama_proj's initial state is drawn from, for a model built with `seed`: a run's
+    projection at step 0 can be rebuilt from its config alone (the tiny learning probe does)."""
+    return seed + 2
 
 
 def init_llama_proj(proj: nn.Linear, seed: int, build: LocalBuild) -> None:

@@ -1,10 +1,11 @@
-"""Tiny, random stand-ins for every asset a MiniGPT-4 run needs, built locally.
+"""Tiny stand-ins for every asset a MiniGPT-4 run needs, built locally.
 
 This module owns the *writers*: a LLaMA-style sentencepiece tokenizer, a random Hugging Face
 LLaMA folder, EVA ViT and BLIP-2 Q-Former weight files in the original checkpoints' key layout,
 synthetic WebDataset shards, and the cached bundle of all of them (`build_tiny_assets`) with the
-config overrides that point a run at it
-(`tiny_overrides`). The towers' sizes come from the shipped `configs/tiny_stage1.yaml`.
+config overrides that point a run at it (`tiny_overrides`). The random writers are primitives: a
+bundle's LLaMA and Q-Former are then pretrained (`mgpt4_dist.tiny.pretrain`), once per seed and
+recipe, kept in a cache outside the bundle. The towers' sizes come from the shipped `configs/tiny_stage1.yaml`.
 
 The ViT and Q-Former writers work from key names and shapes only, never through the model code,
 so that a loader bug cannot be hidden by a writer that shares it.
@@ -376,12 +377,71 @@ def asset_paths(out_dir: str) -> Dict[str, str]:
     }
 
 
-def _bundle_parameters(num_samples: int, samples_per_shard: int, seed: int) -> Dict[str, object]:
+def _model_parameters(seed: int) -> Dict[str, object]:
+    """What the model files depend on (not the shards)."""
     vit, qformer = tiny_tower_sizes()
-    params: Dict[str, object] = {"format_version": ASSETS_FORMAT_VERSION, "num_samples": num_samples,
-                                 "samples_per_shard": samples_per_shard, "seed": seed, "vocab_size": TINY_VOCAB_SIZE,
-                                 "llm": TINY_LLM, "vit": vit, "qformer": qformer}
-    return params
+    return {"format_version": ASSETS_FORMAT_VERSION, "seed": seed, "vocab_size": TINY_VOCAB_SIZE, "llm": TINY_LLM,
+            "vit": vit, "qformer": qformer}
+
+
+def _bundle_parameters(num_samples: int, samples_per_shard: int, seed: int, pretrained: bool) -> Dict[str, object]:
+    from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
+
+    return {**_model_parameters(seed), "num_samples": num_samples, "samples_per_shard": samples_per_shard,
+            "pretrain": PRETRAIN_RECIPE if pretrained else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache of pretrained stand-ins
+# ---------------------------------------------------------------------------------------------
+
+PRETRAINED_FILES = ("llm/model.safetensors", "llm/config.json", "qformer.pth", "pretrain.json")
+
+
+def stand_in_cache_dir() -> str:
+    """Where pretrained stand-ins are kept between bundles: $MGPT4_CACHE_DIR, else ~/.cache/mgpt4_dist
+    (XDG_CACHE_HOME honoured). Pretraining takes a minute or two; every later bundle with the same seed,
+    sizes and recipe copies the files instead."""
+    root = os.environ.get("MGPT4_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mgpt4_dist")
+    return os.path.join(root, "tiny_stand_ins")
+
+
+def _cache_entry(seed: int) -> str:
+    import hashlib
+
+    import torch
+
+    from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
+
+    # The torch version is part of the key: another version may train to other numbers.
+    key = json.dumps({**_model_parameters(seed), "pretrain": PRETRAIN_RECIPE, "torch": torch.__version__},
+                     sort_keys=True)
+    return os.path.join(stand_in_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _pretrained_stand_ins(paths: Dict[str, str], out_dir: str, seed: int, progress: bool) -> None:
+    """Pretrain the random LLaMA and Q-Former of a fresh bundle in place, or copy them from the cache."""
+    from mgpt4_dist.tiny.pretrain import pretrain_stand_ins
+
+    entry = _cache_entry(seed)
+    if os.path.isfile(os.path.join(entry, COMPLETE_MARKER)):
+        log.info("pretrained stand-ins from the cache %s", entry)
+        for name in PRETRAINED_FILES:
+            shutil.copyfile(os.path.join(entry, name), os.path.join(out_dir, name))
+        return
+    report = pretrain_stand_ins(paths, seed, progress)
+    _write_json(os.path.join(out_dir, "pretrain.json"), report)
+    try:  # a cache that cannot be written costs the next bundle a pretraining, nothing else
+        staging = f"{entry}.tmp-{os.getpid()}"
+        os.makedirs(os.path.join(staging, "llm"), exist_ok=True)
+        for name in PRETRAINED_FILES:
+            shutil.copyfile(os.path.join(out_dir, name), os.path.join(staging, name))
+        _write_json(os.path.join(staging, COMPLETE_MARKER), {"seed": seed})
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(staging, entry)
+    except OSError as e:
+        log.warning("could not cache the pretrained stand-ins in %s: %s", entry, e)
 
 
 def _read_marker(path: str) -> Optional[Dict[str, object]]:
@@ -393,10 +453,12 @@ def _read_marker(path: str) -> Optional[Dict[str, object]]:
 
 
 def build_tiny_assets(out_dir: str, *, num_samples: int = 256, samples_per_shard: int = 64, seed: int = 0,
-                      force: bool = False, progress: bool = False) -> Dict[str, str]:
+                      pretrained: bool = True, force: bool = False, progress: bool = False) -> Dict[str, str]:
     """Build (or reuse) tokenizer + LLM, ViT and Q-Former files and shards under `out_dir`.
 
-    A bundle whose `.complete` marker records
+    `pretrained`: the LLaMA and Q-Former are the pretrained stand-ins of `mgpt4_dist.tiny.pretrain`
+    (a stage-1 run then learns to use the image); otherwise the random primitives, for tests of
+    loaders and layouts. A bundle whose `.complete` marker records
     the same parameters is reused untouched. The marker is written last, so an interrupted build
     is redone on the next call.
     """
@@ -406,7 +468,7 @@ def build_tiny_assets(out_dir: str, *, num_samples: int = 256, samples_per_shard
         raise NotADirectoryError(f"{out_dir} exists and is not a directory")
     paths = asset_paths(out_dir)
     marker = os.path.join(out_dir, COMPLETE_MARKER)
-    params = _bundle_parameters(num_samples, samples_per_shard, seed)
+    params = _bundle_parameters(num_samples, samples_per_shard, seed, pretrained)
     if not force and _read_marker(marker) == params:
         log.info("tiny assets in %s are up to date", out_dir)
         return paths
@@ -429,6 +491,10 @@ def build_tiny_assets(out_dir: str, *, num_samples: int = 256, samples_per_shard
     log.info("writing %s", paths["qformer_checkpoint"])
     build_tiny_qformer_checkpoint(paths["qformer_checkpoint"], vision_width=vit_sizes["embed_dim"], seed=seed,
                                   **qformer_sizes)
+    if pretrained:
+        _pretrained_stand_ins(paths, out_dir, seed, progress)
+    elif os.path.exists(os.path.join(out_dir, "pretrain.json")):
+        os.remove(os.path.join(out_dir, "pretrain.json"))
     log.info("writing %d synthetic samples to %s", num_samples, os.path.dirname(paths["shards_pattern"]))
     write_synthetic_shards(os.path.dirname(paths["shards_pattern"]), num_samples, samples_per_shard, seed, progress)
 

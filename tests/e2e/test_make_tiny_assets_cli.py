@@ -17,13 +17,14 @@ def run_cli(*args, cwd=None):
 def test_cli_writes_assets_and_prints_the_overrides(tmp_path):
     out = tmp_path / "tiny"
     # A relative --out, as in a quickstart: the overrides must still name absolute paths.
-    args = ("--out", "tiny", "--num-samples", "12", "--samples-per-shard", "5", "--seed", "1")
+    # --random: the contract without the pretraining (the quickstart test runs the default).
+    args = ("--out", "tiny", "--num-samples", "12", "--samples-per-shard", "5", "--seed", "1", "--random")
     proc = run_cli(*args, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 2, proc.stdout  # one summary line, then the overrides line
     root = str(out)
-    assert root in lines[0]
+    assert root in lines[0] and "random stand-ins" in lines[0]
     assert lines[1] == ("overrides: " + f"model.llm_path={root}/llm model.vit_checkpoint={root}/vit.pth "
                         f"model.qformer_checkpoint={root}/qformer.pth data.shards=[{root}/shards/*.tar]")
     assert lines[1] == "overrides: " + " ".join(tiny_overrides(asset_paths(root)))

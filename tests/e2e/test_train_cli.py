@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, TINY_STAGE1, read_metrics
+from helpers import REPO, TINY_STAGE1, check_learnt, read_metrics
 
 BIN = os.path.dirname(sys.executable)
 
@@ -88,6 +88,10 @@ def test_quickstart_script(tmp_path):
     assert {"data/skipped", "perf/flops_per_s", "train/nonfinite_steps"} <= set(acc.Tags()["scalars"])
     assert "tensorboard --logdir" in proc.stdout
     assert (run_dir / "checkpoints" / "step_00000040").is_dir()
+    # It ends by showing what the run learnt on held-out scenes (issue 14's criteria, 2 processes).
+    assert "before training:" in proc.stdout and "after training:" in proc.stdout
+    with open(run_dir / "learning_probe.json") as f:
+        check_learnt(json.load(f))
 
 
 @pytest.mark.slow

@@ -250,7 +250,7 @@ def _mtimes(root):
 
 def test_bundle_is_built_once_and_reused(tmp_path):
     out = str(tmp_path / "assets")
-    paths = build_tiny_assets(out, num_samples=20, samples_per_shard=8)
+    paths = build_tiny_assets(out, num_samples=20, samples_per_shard=8, pretrained=False)
     assert set(paths) == {"llm_path", "vit_checkpoint", "qformer_checkpoint", "shards_pattern"}
     assert os.path.isfile(os.path.join(paths["llm_path"], "model.safetensors"))
     assert os.path.isfile(paths["vit_checkpoint"]) and os.path.isfile(paths["qformer_checkpoint"])
@@ -258,7 +258,7 @@ def test_bundle_is_built_once_and_reused(tmp_path):
     before = _mtimes(out)
 
     start = time.perf_counter()
-    assert build_tiny_assets(out, num_samples=20, samples_per_shard=8) == paths
+    assert build_tiny_assets(out, num_samples=20, samples_per_shard=8, pretrained=False) == paths
     assert time.perf_counter() - start < 1.0
     assert _mtimes(out) == before
 
@@ -267,7 +267,7 @@ def test_bundle_is_built_once_and_reused(tmp_path):
     notes = os.path.join(out, "notes.txt")
     with open(notes, "w") as f:
         f.write("mine")
-    build_tiny_assets(out, num_samples=8, samples_per_shard=8)
+    build_tiny_assets(out, num_samples=8, samples_per_shard=8, pretrained=False)
     assert len(glob.glob(paths["shards_pattern"])) == 1
     assert open(notes).read() == "mine"
     assert _mtimes(out)[paths["vit_checkpoint"]] != before[paths["vit_checkpoint"]]
@@ -275,10 +275,10 @@ def test_bundle_is_built_once_and_reused(tmp_path):
 
 def test_bundle_rebuilds_when_the_marker_is_missing(tmp_path):
     out = str(tmp_path / "assets")
-    paths = build_tiny_assets(out, num_samples=4, samples_per_shard=4)
+    paths = build_tiny_assets(out, num_samples=4, samples_per_shard=4, pretrained=False)
     os.remove(os.path.join(out, ".complete"))  # as after an interrupted build
     before = _mtimes(out)
-    build_tiny_assets(out, num_samples=4, samples_per_shard=4)
+    build_tiny_assets(out, num_samples=4, samples_per_shard=4, pretrained=False)
     assert os.path.isfile(os.path.join(out, ".complete"))
     assert _mtimes(out)[paths["qformer_checkpoint"]] != before[paths["qformer_checkpoint"]]
 
@@ -294,7 +294,7 @@ def test_bundle_fits_the_shipped_tiny_config(tmp_path):
     with open(os.path.join(REPO, "mgpt4_dist", "configs", "tiny_stage1.yaml")) as f:
         model_cfg = yaml.safe_load(f)["model"]
     vit_cfg, q_cfg = model_cfg["vit"], model_cfg["qformer"]
-    paths = build_tiny_assets(str(tmp_path / "assets"), num_samples=2, samples_per_shard=2)
+    paths = build_tiny_assets(str(tmp_path / "assets"), num_samples=2, samples_per_shard=2, pretrained=False)
     vit = torch.load(paths["vit_checkpoint"], weights_only=True)
     q = torch.load(paths["qformer_checkpoint"], weights_only=True)["model"]
     patches = (vit_cfg["img_size"] // vit_cfg["patch_size"]) ** 2
@@ -314,3 +314,35 @@ def test_tiny_overrides_name_absolute_paths(tmp_path, monkeypatch):
     assert tiny_overrides(paths) == [f"model.llm_path={root}/llm", f"model.vit_checkpoint={root}/vit.pth",
                                       f"model.qformer_checkpoint={root}/qformer.pth",
                                       f"data.shards=[{root}/shards/*.tar]"]
+
+
+# --- pretrained stand-ins ------------------------------------------------------------------------
+
+def test_pretrained_stand_ins_are_cached_and_copied_into_a_new_bundle(learnable_assets, tmp_path):
+    """The session's learnable bundle pretrained (or copied) the stand-ins; a second bundle with the same
+    seed gets the same files from the cache, in the original layouts, while the ViT stays random."""
+    import json
+
+    from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
+
+    paths = build_tiny_assets(str(tmp_path / "again"), num_samples=4, samples_per_shard=4)
+    with open(os.path.join(str(tmp_path / "again"), ".complete")) as f:
+        assert json.load(f)["pretrain"] == PRETRAIN_RECIPE
+    with open(os.path.join(os.path.dirname(learnable_assets["vit_checkpoint"]), "pretrain.json")) as f:
+        report = json.load(f)
+    # The random Q-Former file erases the image; the pretrained one carries it.
+    assert report["qformer_spread_random"] < 0.01 < 0.1 < report["qformer_spread_pretrained"]
+    for name in ("llm/model.safetensors", "qformer.pth"):
+        ours = os.path.join(os.path.dirname(paths["vit_checkpoint"]), name)
+        theirs = os.path.join(os.path.dirname(learnable_assets["vit_checkpoint"]), name)
+        with open(ours, "rb") as a, open(theirs, "rb") as b:
+            assert a.read() == b.read(), name
+    random_bundle = build_tiny_assets(str(tmp_path / "random"), num_samples=4, samples_per_shard=4, pretrained=False)
+    pretrained_q = torch.load(paths["qformer_checkpoint"], weights_only=True)["model"]
+    random_q = torch.load(random_bundle["qformer_checkpoint"], weights_only=True)["model"]
+    assert set(pretrained_q) == set(random_q)  # the same BLIP-2 keys
+    assert not torch.equal(pretrained_q["query_tokens"], random_q["query_tokens"])
+    # Keys MiniGPT-4 does not read (the text branch) are left as the random writer made them.
+    assert torch.equal(pretrained_q["t5_proj.weight"], random_q["t5_proj.weight"])
+    assert torch.equal(torch.load(paths["vit_checkpoint"], weights_only=True)["pos_embed"],
+                       torch.load(random_bundle["vit_checkpoint"], weights_only=True)["pos_embed"])

@@ -37,7 +37,7 @@ def test_rescaled_state_is_what_the_loader_resumes_from(tmp_path):
     from mgpt4_dist.tiny.assets import build_tiny_assets
     from mgpt4_dist.data.pipeline import ShardStream, resolve_sources
 
-    paths = build_tiny_assets(str(tmp_path / "assets"), num_samples=64, samples_per_shard=16)
+    paths = build_tiny_assets(str(tmp_path / "assets"), num_samples=64, samples_per_shard=16, pretrained=False)
     sources = resolve_sources([(paths["shards_pattern"], 1.0)])
     start = rescale_data_state(old_states(2, 1, lambda r, w: 2), 0, 1, 1, resample=True)
     stream = ShardStream(sources, rank=0, world_size=1, num_workers=1, seed=0, resample=True, batch_size=2,
