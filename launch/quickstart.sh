@@ -22,13 +22,10 @@ deepspeed --num_gpus "$NPROC" --master_port "$PORT" --module mgpt4_dist.train \
 
 # Held-out scenes (a seed the assets never use): captions with the projection at init and trained.
 HELDOUT="$OUT/heldout"
-if [ ! -f "$HELDOUT/.seed-777" ]; then
-  rm -rf "$HELDOUT"
-  mgpt4-make-shards --synthetic 64 --seed 777 --out "$HELDOUT" --samples-per-shard 64 > /dev/null
-  touch "$HELDOUT/.seed-777"
-fi
-echo "[quickstart] what the run learnt, on 64 held-out scenes:"
-python -m mgpt4_dist.tiny.probe "$RUN" --shards "$HELDOUT/*.tar" --out "$RUN/learning_probe.json"
+rm -rf "$HELDOUT"
+mgpt4-make-shards --synthetic 128 --seed 777 --out "$HELDOUT" --samples-per-shard 128 > /dev/null
+echo "[quickstart] what the run learnt, on 128 held-out scenes:"
+python -m mgpt4_dist.tiny.probe "$RUN" --shards "$HELDOUT/*.tar" --max-samples 128 --out "$RUN/learning_probe.json"
 
 echo "[quickstart] finished in $(( $(date +%s) - START )) s"
 echo "[quickstart]   metrics:     $RUN/metrics.jsonl"

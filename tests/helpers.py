@@ -21,22 +21,29 @@ EVAL_TRAIN_ARGS = ["train.max_steps=4", "train.log_every=1", "train.micro_batch_
 
 
 # What a tiny stage-1 run learns (issue 14; tests/e2e/test_tiny_learning.py and the quickstart test):
-# chance is ~17 %, after the shipped 40 steps the run names ~65 % of held-out attributes right and a
-# scene's own caption loss is ~65 % below another's. At the initial projection the stand-ins keep the
-# two within ~1.2 % over projection draws (issue 14's 0.5 % is not met for every draw: see its note).
+# chance is ~17 %, after the shipped 40 steps the run names 60-67 % of held-out attributes right and a
+# scene's own caption loss is ~70 % below another's. At the initial projection the two differ by
+# 0.16 % rms over projection draws on 256 held-out scenes; on fewer scenes the estimate is noisier,
+# so that criterion is checked on 128 or more.
 ACCURACY_AFTER_AT_LEAST = 0.45
 ACCURACY_BEFORE_AT_MOST = 0.30
 GAP_AFTER_AT_LEAST = 0.02
-GAP_BEFORE_AT_MOST = 0.02
+GAP_BEFORE_AT_MOST = 0.005
 
 
-def check_learnt(report):
-    """The learning criteria on one held-out set, from a `mgpt4_dist.tiny.probe` report."""
-    before, after = report["before"], report["after"]
-    assert abs(before["gap"]) <= GAP_BEFORE_AT_MOST, before  # at the initial projection the image hardly matters
-    assert after["gap"] >= GAP_AFTER_AT_LEAST, after  # trained: a scene's own caption is clearly more likely
-    assert before["attribute_accuracy"] <= ACCURACY_BEFORE_AT_MOST, before
-    assert after["attribute_accuracy"] >= ACCURACY_AFTER_AT_LEAST, after
+def check_learnt(reports):
+    """Issue 14's learning criteria over `mgpt4_dist.tiny.probe` reports of held-out sets: each set
+    well above chance after training and near it before; the own-vs-other caption loss gap clearly
+    positive after training on each set, and within 0.5 % at the initial projection on all pooled."""
+    from mgpt4_dist.tiny.probe import pooled_gap
+
+    assert sum(r["samples"] for r in reports) >= 128
+    for report in reports:
+        before, after = report["before"], report["after"]
+        assert after["gap"] >= GAP_AFTER_AT_LEAST, after  # a scene's own caption is clearly more likely
+        assert before["attribute_accuracy"] <= ACCURACY_BEFORE_AT_MOST, before
+        assert after["attribute_accuracy"] >= ACCURACY_AFTER_AT_LEAST, after
+    assert abs(pooled_gap(reports, "before")) <= GAP_BEFORE_AT_MOST, [r["before"]["gap"] for r in reports]
 
 
 def write_tar(path, members):

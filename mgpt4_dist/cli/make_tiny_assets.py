@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "| tail -1 | cut -d' ' -f2-) run_dir=/tmp/r"),
         description="Write a tiny MiniGPT-4 setup (tokenizer + LLaMA folder, EVA ViT and Q-Former weight "
                     "files in the original layouts, synthetic WebDataset shards) and print the config overrides "
-                    "that use it. The LLaMA and Q-Former are pretrained stand-ins (about a minute and a half on 2 "
+                    "that use it. The LLaMA and Q-Former are pretrained stand-ins (about two minutes on 2 "
                     "cores the first time, then copied from the cache in $MGPT4_CACHE_DIR or ~/.cache/mgpt4_dist), "
                     "so a stage-1 run learns to use the image. Reruns with the same options reuse the folder.")
     parser.add_argument("--out", required=True, help="folder to write (created if missing)")

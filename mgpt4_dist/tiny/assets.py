@@ -430,7 +430,9 @@ def _pretrained_stand_ins(paths: Dict[str, str], out_dir: str, seed: int, progre
         for name in PRETRAINED_FILES:
             shutil.copyfile(os.path.join(entry, name), os.path.join(out_dir, name))
         return
-    report = pretrain_stand_ins(paths, seed, progress)
+    from mgpt4_dist.config import load_config
+
+    report = pretrain_stand_ins(load_config(TINY_CONFIG, tiny_overrides(paths)), seed, progress)
     _write_json(os.path.join(out_dir, "pretrain.json"), report)
     try:  # a cache that cannot be written costs the next bundle a pretraining, nothing else
         staging = f"{entry}.tmp-{os.getpid()}"

@@ -54,7 +54,8 @@ def _measure(model_call, eval_set, other_set, builder, cfg, device, batch_size: 
                             cfg.data.end_sym)
     ordered = [captions[s.index] for s in eval_set.samples]
     own_loss, other_loss = own / max(own_tokens, 1), other / max(other_tokens, 1)
-    return {"own_caption_loss": own_loss, "other_caption_loss": other_loss,
+    return {"own_caption_loss": own_loss, "other_caption_loss": other_loss, "own_tokens": own_tokens,
+            "other_tokens": other_tokens,
             "gap": (other_loss - own_loss) / other_loss,
             "attribute_accuracy": attribute_accuracy(ordered, [s.references[0] for s in eval_set.samples]),
             "captions": ordered}
@@ -94,6 +95,16 @@ def probe_run(run: str, shards: str, max_samples: int = 64, batch_size: int = 16
     return {"run": os.path.abspath(run), "shards": shards, "samples": len(eval_set), "chance": CHANCE_ACCURACY,
             "keys": [s.key for s in eval_set.samples], "references": [s.references[0] for s in eval_set.samples],
             "before": before, "after": after}
+
+
+def pooled_gap(reports: List[Dict[str, object]], which: str) -> float:
+    """The own-vs-other gap of several held-out sets taken as one (token-weighted), for `which` of
+    "before" / "after": the gap at the initial projection is small, and more scenes measure it better."""
+    own = sum(r[which]["own_caption_loss"] * r[which]["own_tokens"] for r in reports)
+    other = sum(r[which]["other_caption_loss"] * r[which]["other_tokens"] for r in reports)
+    own /= sum(r[which]["own_tokens"] for r in reports)
+    other /= sum(r[which]["other_tokens"] for r in reports)
+    return (other - own) / other
 
 
 def format_report(report: Dict[str, object], show: int) -> List[str]:

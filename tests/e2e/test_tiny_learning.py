@@ -55,5 +55,4 @@ def test_one_process_run_stopped_and_resumed_learns_to_use_the_image(learnable_a
     steps = [m["step"] for m in read_metrics(str(run_dir)) if "loss" in m]
     assert steps[-1] == 40 and "resumed from" in second.stdout + second.stderr
 
-    for pattern in heldout_sets:
-        check_learnt(probe_run(str(run_dir), pattern))
+    check_learnt([probe_run(str(run_dir), pattern) for pattern in heldout_sets])

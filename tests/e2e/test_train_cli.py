@@ -91,7 +91,7 @@ def test_quickstart_script(tmp_path):
     # It ends by showing what the run learnt on held-out scenes (issue 14's criteria, 2 processes).
     assert "before training:" in proc.stdout and "after training:" in proc.stdout
     with open(run_dir / "learning_probe.json") as f:
-        check_learnt(json.load(f))
+        check_learnt([json.load(f)])
 
 
 @pytest.mark.slow

@@ -17,3 +17,14 @@ def test_attribute_accuracy_counts_each_named_attribute():
 
 def test_chance_is_uniform_guessing_of_the_scene_attributes():
     assert CHANCE_ACCURACY == pytest.approx((1 / 8 + 1 / 4 + 1 / 7) / 3)
+
+
+def test_pooled_gap_weights_each_set_by_its_tokens():
+    from mgpt4_dist.tiny.probe import pooled_gap
+
+    def report(own, other, tokens):
+        return {"before": {"own_caption_loss": own, "other_caption_loss": other, "own_tokens": tokens,
+                           "other_tokens": tokens}}
+
+    # own (1.0*100 + 2.0*300)/400 = 1.75, other (1.5*100 + 2.0*300)/400 = 1.875: gap 0.125/1.875
+    assert pooled_gap([report(1.0, 1.5, 100), report(2.0, 2.0, 300)], "before") == pytest.approx(0.125 / 1.875)
