@@ -75,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # e.g. --out not writable, or a full disk: a usage problem, not a crash.
         raise InvalidInputError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
     kind = "random" if args.random else "pretrained"
-    print(f"tiny assets ({kind} stand-ins) in {os.path.abspath(args.out)}: LLaMA folder {paths['llm_path']}, "
+    print(f"tiny assets in {os.path.abspath(args.out)} ({kind} stand-ins): LLaMA folder {paths['llm_path']}, "
           f"ViT {paths['vit_checkpoint']}, Q-Former {paths['qformer_checkpoint']}, "
           f"{args.num_samples} samples in {paths['shards_pattern']}")
     print("overrides: " + " ".join(tiny_overrides(paths)))

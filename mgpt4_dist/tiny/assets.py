@@ -385,10 +385,14 @@ def _model_parameters(seed: int) -> Dict[str, object]:
 
 
 def _bundle_parameters(num_samples: int, samples_per_shard: int, seed: int, pretrained: bool) -> Dict[str, object]:
+    from mgpt4_dist.config import load_config
     from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
 
+    # A pretrained LLaMA learnt the caption layout of the tiny config: a changed one rebuilds the bundle.
+    data = load_config(TINY_CONFIG).data
+    layout = {k: getattr(data, k) for k in ("end_sym", "max_txt_len", "clean_captions", "max_caption_words")}
     return {**_model_parameters(seed), "num_samples": num_samples, "samples_per_shard": samples_per_shard,
-            "pretrain": PRETRAIN_RECIPE if pretrained else None}
+            "pretrain": {**PRETRAIN_RECIPE, "caption_layout": layout} if pretrained else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,51 +403,70 @@ PRETRAINED_FILES = ("llm/model.safetensors", "llm/config.json", "qformer.pth", "
 
 
 def stand_in_cache_dir() -> str:
-    """Where pretrained stand-ins are kept between bundles: $MGPT4_CACHE_DIR, else ~/.cache/mgpt4_dist
-    (XDG_CACHE_HOME honoured). Pretraining takes a minute or two; every later bundle with the same seed,
-    sizes and recipe copies the files instead."""
+    """Where pretrained stand-ins are kept between bundles: $MGPT4_CACHE_DIR/tiny_stand_ins, else
+    $XDG_CACHE_HOME (default ~/.cache)/mgpt4_dist/tiny_stand_ins. Pretraining takes about two minutes;
+    every later bundle with the same inputs (`_pretraining_inputs`) copies the files instead."""
     root = os.environ.get("MGPT4_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mgpt4_dist")
     return os.path.join(root, "tiny_stand_ins")
 
 
-def _cache_entry(seed: int) -> str:
+def _pretraining_inputs(paths: Dict[str, str], seed: int) -> Dict[str, object]:
+    """Everything the pretrained files depend on besides the random files' own parameters: the
+    recipe, the caption layout the LLaMA learns (the tiny config's data.*), the tokenizer it learns
+    with, and the library versions (another version may train to other numbers)."""
     import hashlib
 
+    import sentencepiece
     import torch
+    import transformers
 
+    from mgpt4_dist.config import load_config
     from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
 
-    # The torch version is part of the key: another version may train to other numbers.
-    key = json.dumps({**_model_parameters(seed), "pretrain": PRETRAIN_RECIPE, "torch": torch.__version__},
-                     sort_keys=True)
-    return os.path.join(stand_in_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:16])
+    data = load_config(TINY_CONFIG).data
+    with open(os.path.join(paths["llm_path"], "tokenizer.model"), "rb") as f:
+        tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
+    return {**_model_parameters(seed), "pretrain": PRETRAIN_RECIPE, "tokenizer_sha256": tokenizer_sha,
+            "data": {k: getattr(data, k) for k in ("end_sym", "max_txt_len", "clean_captions", "max_caption_words")},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "sentencepiece": sentencepiece.__version__}}
 
 
 def _pretrained_stand_ins(paths: Dict[str, str], out_dir: str, seed: int, progress: bool) -> None:
     """Pretrain the random LLaMA and Q-Former of a fresh bundle in place, or copy them from the cache."""
+    import hashlib
+
+    from mgpt4_dist.config import load_config
     from mgpt4_dist.tiny.pretrain import pretrain_stand_ins
 
-    entry = _cache_entry(seed)
+    key = json.dumps(_pretraining_inputs(paths, seed), sort_keys=True)
+    entry = os.path.join(stand_in_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:16])
     if os.path.isfile(os.path.join(entry, COMPLETE_MARKER)):
-        log.info("pretrained stand-ins from the cache %s", entry)
-        for name in PRETRAINED_FILES:
-            shutil.copyfile(os.path.join(entry, name), os.path.join(out_dir, name))
-        return
-    from mgpt4_dist.config import load_config
-
+        try:
+            for name in PRETRAINED_FILES:
+                shutil.copyfile(os.path.join(entry, name), os.path.join(out_dir, name))
+            log.info("pretrained stand-ins copied from the cache %s", entry)
+            return
+        except OSError as e:  # an entry removed by hand while we read it: pretrain instead
+            log.warning("could not read the cached stand-ins in %s (%s): pretraining them", entry, e)
     report = pretrain_stand_ins(load_config(TINY_CONFIG, tiny_overrides(paths)), seed, progress)
     _write_json(os.path.join(out_dir, "pretrain.json"), report)
-    try:  # a cache that cannot be written costs the next bundle a pretraining, nothing else
-        staging = f"{entry}.tmp-{os.getpid()}"
+    # Written beside the entry, then renamed into place: readers see a whole entry or none. An entry
+    # another process published meanwhile is kept (same inputs, same files); a cache that cannot be
+    # written costs the next bundle a pretraining, nothing else.
+    staging = f"{entry}.tmp-{os.getpid()}"
+    try:
         os.makedirs(os.path.join(staging, "llm"), exist_ok=True)
         for name in PRETRAINED_FILES:
             shutil.copyfile(os.path.join(out_dir, name), os.path.join(staging, name))
-        _write_json(os.path.join(staging, COMPLETE_MARKER), {"seed": seed})
-        shutil.rmtree(entry, ignore_errors=True)
-        os.replace(staging, entry)
+        _write_json(os.path.join(staging, COMPLETE_MARKER), {"inputs": json.loads(key)})
+        if not os.path.isdir(entry):
+            os.rename(staging, entry)
     except OSError as e:
         log.warning("could not cache the pretrained stand-ins in %s: %s", entry, e)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _read_marker(path: str) -> Optional[Dict[str, object]]:

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     import torch
 
     from mgpt4_dist.config import JobConfig
+    from mgpt4_dist.models.minigpt4 import MiniGPT4
+    from mgpt4_dist.models.qformer import QFormer
+    from mgpt4_dist.models.sequence import SequenceBuilder
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,8 @@ def _pretrain(cfg: "JobConfig", seed: int, progress: bool) -> Dict[str, float]:
     return report
 
 
-def _ignore_random_prefixes(model, sequences, features_NQH, captions: List[str], generator, progress: bool) -> float:
+def _ignore_random_prefixes(model: "MiniGPT4", sequences: "SequenceBuilder", features_NQH: "torch.Tensor",
+                            captions: List[str], generator: "torch.Generator", progress: bool) -> float:
     """Second stage: the LLaMA alone, Q-Former and throwaway projection fixed. Half of each batch goes
     through fresh random projections (one per row) and is also scored on a *partner* row: the same
     caption and projection with another image. The symmetric KL between the two rows' next-token
@@ -232,14 +236,15 @@ def _ignore_random_prefixes(model, sequences, features_NQH, captions: List[str],
     return caption_loss
 
 
-def _optimizer_step(optimizer, schedule, loss) -> None:
+def _optimizer_step(optimizer: "torch.optim.Optimizer", schedule: "torch.optim.lr_scheduler.LRScheduler",
+                    loss: "torch.Tensor") -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     schedule.step()
 
 
-def _write_qformer_weights(qformer, path: str) -> None:
+def _write_qformer_weights(qformer: "QFormer", path: str) -> None:
     """Trained tensors under the BLIP-2 file's own keys; keys MiniGPT-4 does not read stay as written."""
     import torch
 

@@ -21,10 +21,18 @@ import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from mgpt4_dist.errors import InvalidInputError
 from mgpt4_dist.tiny.scenes import SYNTHETIC_COLOURS, SYNTHETIC_SHAPES, caption_attributes
+
+if TYPE_CHECKING:
+    import torch
+
+    from mgpt4_dist.config import JobConfig
+    from mgpt4_dist.evaluation.eval_set import EvalSet
+    from mgpt4_dist.evaluation.evaluate import ModelCall
+    from mgpt4_dist.models.sequence import SequenceBuilder
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,8 @@ def attribute_accuracy(captions: List[str], references: List[str]) -> float:
     return right / max(total, 1)
 
 
-def _measure(model_call, eval_set, other_set, builder, cfg, device, batch_size: int) -> Dict[str, object]:
+def _measure(model_call: "ModelCall", eval_set: "EvalSet", other_set: "EvalSet", builder: "SequenceBuilder",
+             cfg: "JobConfig", device: "torch.device", batch_size: int) -> Dict[str, object]:
     from mgpt4_dist.evaluation.evaluate import caption_pass, loss_pass
 
     own, own_tokens = loss_pass(model_call, eval_set, 0, 1, builder, [], batch_size, device)
@@ -72,6 +81,10 @@ def probe_run(run: str, shards: str, max_samples: int = 64, batch_size: int = 16
     from mgpt4_dist.models.sequence import SequenceBuilder
 
     cfg = read_model_config(run)
+    if cfg.model.proj_checkpoint:
+        # Its step 0 was that file's projection, which the seed does not rebuild.
+        raise InvalidInputError(f"{run}: the run started from model.proj_checkpoint={cfg.model.proj_checkpoint}; "
+                                "the probe compares against a projection at its random initial state (stage 1)")
     eval_set = read_eval_set([shards], max_samples, image_size=cfg.model.vit.img_size,
                              clean_captions=cfg.data.clean_captions, max_caption_words=cfg.data.max_caption_words,
                              features=False, what="--shards")
@@ -121,7 +134,7 @@ def format_report(report: Dict[str, object], show: int) -> List[str]:
     return lines
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     from mgpt4_dist.cli import ArgumentParser
 
     parser = ArgumentParser(prog=PROG,
@@ -144,6 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     @user_errors(PROG)
     def run(argv: Optional[List[str]]) -> int:
         args = build_parser().parse_args(argv)
+        if args.max_samples < 2 or args.show < 0:
+            raise InvalidInputError("--max-samples must be >= 2 (own and other captions) and --show >= 0")
+        if args.out and not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
+            raise InvalidInputError(f"--out {args.out}: its folder does not exist or cannot be written")
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
         report = probe_run(args.run, args.shards, args.max_samples)
         print(f"[probe] {report['samples']} held-out scenes ({args.shards}), projection at init vs trained:")

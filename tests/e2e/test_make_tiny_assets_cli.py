@@ -24,7 +24,7 @@ def test_cli_writes_assets_and_prints_the_overrides(tmp_path):
     lines = proc.stdout.splitlines()
     assert len(lines) == 2, proc.stdout  # one summary line, then the overrides line
     root = str(out)
-    assert root in lines[0] and "random stand-ins" in lines[0]
+    assert lines[0].startswith(f"tiny assets in {root} (random stand-ins): ")
     assert lines[1] == ("overrides: " + f"model.llm_path={root}/llm model.vit_checkpoint={root}/vit.pth "
                         f"model.qformer_checkpoint={root}/qformer.pth data.shards=[{root}/shards/*.tar]")
     assert lines[1] == "overrides: " + " ".join(tiny_overrides(asset_paths(root)))

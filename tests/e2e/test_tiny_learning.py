@@ -29,6 +29,14 @@ def heldout_sets(tmp_path_factory):
     return patterns
 
 
+def logged_step(run_dir) -> int:
+    """The last step metrics.jsonl records; a line still being written counts as not there yet."""
+    try:
+        return max((m.get("step", 0) for m in read_metrics(str(run_dir))), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
 @pytest.mark.slow
 def test_one_process_run_stopped_and_resumed_learns_to_use_the_image(learnable_assets, heldout_sets, tmp_path):
     from mgpt4_dist.tiny.probe import probe_run
@@ -37,16 +45,15 @@ def test_one_process_run_stopped_and_resumed_learns_to_use_the_image(learnable_a
     cmd = [sys.executable, "-m", "mgpt4_dist.train", "--config", TINY_STAGE1, *learnable_assets["overrides"],
            f"run_dir={run_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    deadline = time.monotonic() + 600
-    metrics = str(run_dir / "metrics.jsonl")
-    while time.monotonic() < deadline and first.poll() is None:
-        if os.path.exists(metrics) and any(m.get("step", 0) >= 10 for m in read_metrics(str(run_dir))):
-            break
-        time.sleep(0.5)
-    first.send_signal(signal.SIGTERM)
-    output = first.communicate(timeout=300)[0]
-    assert first.returncode == 75, output[-3000:]  # checkpointed, exit for requeue
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and first.poll() is None and logged_step(run_dir) < 10:
+            time.sleep(0.5)
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=300)
+    assert first.returncode == 75, log.read_text()[-3000:]  # checkpointed, exit for requeue
     stopped_at = read_metrics(str(run_dir))[-1]["step"]
     assert 10 <= stopped_at < 40, stopped_at
 

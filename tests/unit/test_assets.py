@@ -318,16 +318,24 @@ def test_tiny_overrides_name_absolute_paths(tmp_path, monkeypatch):
 
 # --- pretrained stand-ins ------------------------------------------------------------------------
 
-def test_pretrained_stand_ins_are_cached_and_copied_into_a_new_bundle(learnable_assets, tmp_path):
+@pytest.mark.slow
+def test_pretrained_stand_ins_are_cached_and_copied_into_a_new_bundle(learnable_assets, tmp_path, monkeypatch):
     """The session's learnable bundle pretrained (or copied) the stand-ins; a second bundle with the same
-    seed gets the same files from the cache, in the original layouts, while the ViT stays random."""
+    seed copies the same files from the cache, in the original layouts, while the ViT stays random."""
     import json
 
-    from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
+    from mgpt4_dist.tiny import assets, pretrain
 
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pretrained again instead of copying from the cache")
+
+    monkeypatch.setattr(pretrain, "pretrain_stand_ins", no_pretraining)
+    assert os.listdir(assets.stand_in_cache_dir())  # the session's cache holds the entry
     paths = build_tiny_assets(str(tmp_path / "again"), num_samples=4, samples_per_shard=4)
     with open(os.path.join(str(tmp_path / "again"), ".complete")) as f:
-        assert json.load(f)["pretrain"] == PRETRAIN_RECIPE
+        recorded = json.load(f)["pretrain"]
+    assert {k: recorded[k] for k in pretrain.PRETRAIN_RECIPE} == pretrain.PRETRAIN_RECIPE
+    assert recorded["caption_layout"]["end_sym"] == "\n"
     with open(os.path.join(os.path.dirname(learnable_assets["vit_checkpoint"]), "pretrain.json")) as f:
         report = json.load(f)
     # The random Q-Former file erases the image; the pretrained one carries it.
