@@ -276,15 +276,18 @@ def initial_proj_seed(seed: int) -> int:
     return seed + 2
 
 
-def init_llama_proj(proj: nn.Linear, seed: int, build: LocalBuild) -> None:
-    """nn.Linear's default init drawn in fp32 from `seed`, then written in the parameter's dtype:
-    the same numbers whether the layer was created whole or partitioned, in fp32 or not."""
-    generator = torch.Generator().manual_seed(seed)
-    out_features, in_features = build.full_shape(proj.weight)
+def draw_linear_init(out_features: int, in_features: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) in fp32 as nn.Linear's default init draws them, from `generator`."""
     weight = torch.empty(out_features, in_features)
     nn.init.kaiming_uniform_(weight, a=5 ** 0.5, generator=generator)
     bound = 1 / in_features ** 0.5
-    bias = torch.empty(out_features).uniform_(-bound, bound, generator=generator)
+    return weight, torch.empty(out_features).uniform_(-bound, bound, generator=generator)
+
+
+def init_llama_proj(proj: nn.Linear, seed: int, build: LocalBuild) -> None:
+    """nn.Linear's default init drawn in fp32 from `seed`, then written in the parameter's dtype:
+    the same numbers whether the layer was created whole or partitioned, in fp32 or not."""
+    weight, bias = draw_linear_init(*build.full_shape(proj.weight), torch.Generator().manual_seed(seed))
     copy_state_into(proj, {"weight": weight, "bias": bias}, build)
 
 

@@ -384,15 +384,20 @@ def _model_parameters(seed: int) -> Dict[str, object]:
             "vit": vit, "qformer": qformer}
 
 
-def _bundle_parameters(num_samples: int, samples_per_shard: int, seed: int, pretrained: bool) -> Dict[str, object]:
+def _caption_layout() -> Dict[str, object]:
+    """The tiny config's data.* that a pretrained LLaMA learnt its captions in."""
     from mgpt4_dist.config import load_config
+
+    data = load_config(TINY_CONFIG).data
+    return {k: getattr(data, k) for k in ("end_sym", "max_txt_len", "clean_captions", "max_caption_words")}
+
+
+def _bundle_parameters(num_samples: int, samples_per_shard: int, seed: int, pretrained: bool) -> Dict[str, object]:
     from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
 
-    # A pretrained LLaMA learnt the caption layout of the tiny config: a changed one rebuilds the bundle.
-    data = load_config(TINY_CONFIG).data
-    layout = {k: getattr(data, k) for k in ("end_sym", "max_txt_len", "clean_captions", "max_caption_words")}
+    # A changed caption layout rebuilds a pretrained bundle.
     return {**_model_parameters(seed), "num_samples": num_samples, "samples_per_shard": samples_per_shard,
-            "pretrain": {**PRETRAIN_RECIPE, "caption_layout": layout} if pretrained else None}
+            "pretrain": {**PRETRAIN_RECIPE, "caption_layout": _caption_layout()} if pretrained else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,14 +426,12 @@ def _pretraining_inputs(paths: Dict[str, str], seed: int) -> Dict[str, object]:
     import torch
     import transformers
 
-    from mgpt4_dist.config import load_config
     from mgpt4_dist.tiny.pretrain import PRETRAIN_RECIPE
 
-    data = load_config(TINY_CONFIG).data
     with open(os.path.join(paths["llm_path"], "tokenizer.model"), "rb") as f:
         tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
     return {**_model_parameters(seed), "pretrain": PRETRAIN_RECIPE, "tokenizer_sha256": tokenizer_sha,
-            "data": {k: getattr(data, k) for k in ("end_sym", "max_txt_len", "clean_captions", "max_caption_words")},
+            "data": _caption_layout(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "sentencepiece": sentencepiece.__version__}}
 

@@ -93,13 +93,10 @@ def _scene_pool(seed: int, count: int, img_size: int, clean: bool) -> Tuple["tor
 
 
 def _random_projection(like: "torch.nn.Linear", generator: "torch.Generator") -> Tuple["torch.Tensor", "torch.Tensor"]:
-    """Weights drawn as nn.Linear's default init draws them: what a stage-1 run starts from."""
-    import torch
+    """A projection drawn as a stage-1 run draws its initial one (`init_llama_proj`), from `generator`."""
+    from mgpt4_dist.models.minigpt4 import draw_linear_init
 
-    weight = torch.empty_like(like.weight)
-    torch.nn.init.kaiming_uniform_(weight, a=5 ** 0.5, generator=generator)
-    bound = 1 / like.in_features ** 0.5
-    return weight, torch.empty_like(like.bias).uniform_(-bound, bound, generator=generator)
+    return draw_linear_init(like.out_features, like.in_features, generator)
 
 
 def pretrain_stand_ins(cfg: "JobConfig", seed: int, progress: bool = False) -> Dict[str, float]:

@@ -28,3 +28,20 @@ def test_pooled_gap_weights_each_set_by_its_tokens():
 
     # own (1.0*100 + 2.0*300)/400 = 1.75, other (1.5*100 + 2.0*300)/400 = 1.875: gap 0.125/1.875
     assert pooled_gap([report(1.0, 1.5, 100), report(2.0, 2.0, 300)], "before") == pytest.approx(0.125 / 1.875)
+
+
+def test_probe_cli_refuses_bad_input_with_one_line(tmp_path):
+    """`python -m mgpt4_dist.tiny.probe` as the quickstart runs it: bad options fail before any model loads."""
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mgpt4_dist.tiny.probe", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    for args, said in ((["RUN", "--shards", "x", "--max-samples", "1"], "--max-samples must be >= 2"),
+                       (["RUN", "--shards", "x", "--out", str(tmp_path / "no" / "p.json")], "cannot be written"),
+                       ([str(tmp_path / "missing"), "--shards", "x"], "no such checkpoint folder")):
+        proc = run(*args)
+        assert proc.returncode == 2 and said in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == ""
