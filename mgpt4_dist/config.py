@@ -77,6 +77,10 @@ class ModelConfig:
     max_context_len: int = 3800
     # auto | flash | sdpa | eager: attention kernel of the LLM.
     attn_impl: str = "auto"
+    # In training the LLM's last decoder layer computes only the scored tail (from the first
+    # position whose next token is scored): same loss and gradients, less work (the image and
+    # prompt positions' last-layer outputs are never read). False: the plain layer everywhere.
+    trim_last_layer: bool = True
     # train | fp32 | fp16 | bf16: dtype of the frozen ViT (the original runs it in fp16); `train`
     # follows train.precision. Its output is cast to the Q-Former's dtype (ln_vision runs there).
     vit_precision: str = "train"

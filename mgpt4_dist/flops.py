@@ -8,7 +8,10 @@ Counted (2 FLOPs per multiply-add, matmuls and attention only):
 - llama_proj forward and backward;
 - LLM forward over the whole sequence (causal attention: half of the T x T scores) plus the LM
   head over the scored positions only, and backward to the inputs: the frozen weights get no
-  gradients, so backward costs one more forward's worth of matmuls, not two.
+  gradients, so backward costs one more forward's worth of matmuls, not two. Every decoder layer
+  counts the whole sequence, the last one too: `model.trim_last_layer` (on by default) skips work
+  this model counts for the positions before the scored tail, so MFU keeps one definition whether
+  it is on or off and a trimmed step shows its gain as higher MFU.
 """
 from __future__ import annotations
 

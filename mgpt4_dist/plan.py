@@ -127,9 +127,11 @@ def sequence_len(cfg: JobConfig) -> int:
 
 
 def activation_bytes(counts: ParamCounts, precision: str, micro: int, seq: int, scored: int,
-                     proj_in: int, checkpointing: bool = False, recompute_peak: bool = True) -> int:
+                     proj_in: int, checkpointing: bool = False, recompute_peak: bool = True,
+                     tail: Optional[int] = None) -> int:
     """Bytes autograd keeps for backward; with checkpointing, plus one layer being recomputed
-    (`recompute_peak`), which is live only inside backward."""
+    (`recompute_peak`), which is live only inside backward. `tail`: positions per row the last
+    layer computes (model.trim_last_layer); the others keep only what their keys and values need."""
     b = BYTES[precision]
     D, I, L = counts.llm_hidden, counts.llm_intermediate, counts.llm_layers
     per_token_layer = 8 * D + 4 * b * D + 3 * b * I
@@ -137,7 +139,10 @@ def activation_bytes(counts: ParamCounts, precision: str, micro: int, seq: int, 
     if checkpointing:
         layers = L * b * D * tokens + (per_token_layer * tokens if recompute_peak else 0)
     else:
-        layers = L * per_token_layer * tokens
+        tail_tokens = micro * min(seq, tail if tail is not None else seq)
+        # the last layer: norm input and output, keys and values for every position; the rest for the tail
+        last = per_token_layer * tail_tokens + 4 * b * D * (tokens - tail_tokens)
+        layers = (L - 1) * per_token_layer * tokens + last
     head = micro * scored * (counts.vocab * 4 + 4 * D)  # fp32 log-softmax of scored tokens, final norm input
     proj = micro * seq * proj_in * b
     return int(layers + head + proj)
@@ -164,7 +169,9 @@ def plan(cfg: JobConfig, ranks: int, gpu_mem: int, llm: Optional[str] = None, ov
     precision, micro, seq = cfg.train.precision, cfg.train.micro_batch_size, sequence_len(cfg)
     proj_in = counts.trainable // counts.llm_hidden - 1
     ckpt = cfg.parallel.activation_checkpointing
-    act = lambda m: activation_bytes(counts, precision, m, seq, cfg.data.max_txt_len, proj_in, ckpt)  # noqa: E731
+    # the scored tail: the answer and the position before it
+    tail = cfg.data.max_txt_len + 1 if cfg.model.trim_last_layer else None
+    act = lambda m: activation_bytes(counts, precision, m, seq, cfg.data.max_txt_len, proj_in, ckpt, tail=tail)  # noqa: E731
     rows = []
     for name, backend, stage, offload in CHOICES:
         mem = rank_memory(counts, precision, stage, offload, ranks)

@@ -250,8 +250,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (OMP_NUM_THREADS)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=5, help="steps before the timed window (multiple of 5)")
-    p.add_argument("--timed", type=int, default=5, help="timed steps (multiple of 5, mgpt4-train logs every 5)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (A B C, C B A, ...)")
+    p.add_argument("--timed", type=int, default=10, help="timed steps (multiple of 5, mgpt4-train logs every 5)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (A B C, C B A, ...)")
     p.add_argument("--variants", nargs="+", default=["upstream", "mgpt4_dist", "mgpt4_dist+features"],
                    choices=["upstream", "mgpt4_dist", "mgpt4_dist+compile", "mgpt4_dist+features"])
     p.add_argument("--extra", nargs="*", default=[], help="extra mgpt4-train overrides for both mgpt4_dist variants")

@@ -9,7 +9,9 @@ import shutil
 import tempfile
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, repeat_kv, rotate_half
 
 from mgpt4_dist.config import PAD_TOKEN
 from mgpt4_dist.errors import CheckpointMismatchError, InvalidInputError, MissingFileError
@@ -186,3 +188,62 @@ def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, bu
     build.built(llm)
     log.info("loaded LLM %s (%s, attention=%s) into partitioned parameters", llm_path, dtype, attn_impl)
     return llm
+
+
+# --------------------------------------------------------------------------- the last layer, scored tail only
+
+class TailScoringDecoderLayer(LlamaDecoderLayer):
+    """The LLM's last decoder layer, which in training computes only the tail that is scored.
+
+    Only positions whose next token is scored reach the LM head, and in the last layer nothing else
+    reads a position's output: from `score_from` on, the layer computes queries, attention output,
+    o_proj and MLP; keys and values still come from every position. The same operations as
+    LlamaDecoderLayer on the kept rows (rotary, causal softmax attention, residuals), so the same
+    loss and gradients, for (T - score_from) / T of the layer's query-side and MLP work. Without
+    `score_from` (generation, evaluation through `llm(...)`, a KV cache) it is the plain layer.
+
+    `score_from` arrives as a keyword of the LlamaModel call (`tail_scoring_kwargs`): transformers
+    hands call keywords to every decoder layer and its attention function, which ignore unknown
+    ones, and an argument (unlike module state) is what activation checkpointing replays.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, score_from: int = 0, **kwargs):
+        start = score_from
+        if not start or cache is not None or use_cache:
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
+                                   **kwargs)
+        # The training call: causal attention over the whole row, no padding mask (padding trails the
+        # scored tokens), so whatever form `attention_mask` takes it is the causal pattern rebuilt below.
+        attn = self.self_attn
+        B, T, _ = hidden_states.shape
+        keep = T - start
+        normed = self.input_layernorm(hidden_states)
+        q = attn.q_proj(normed[:, start:]).view(B, keep, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+        q = (q * cos[:, :, start:]) + (rotate_half(q) * sin[:, :, start:])
+        k = (k * cos) + (rotate_half(k) * sin)
+        k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
+        # Query row i is position start + i: it sees keys 0 .. start + i.
+        causal = torch.ones(keep, T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=attn.scaling)
+        hidden = hidden_states[:, start:] + attn.o_proj(out.transpose(1, 2).reshape(B, keep, -1))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def enable_tail_scoring(llm: LlamaForCausalLM) -> None:
+    """Make the last decoder layer a TailScoringDecoderLayer (same module, parameters and keys)."""
+    last = llm.model.layers[-1]
+    if type(last) is not LlamaDecoderLayer:
+        raise TypeError(f"model.trim_last_layer: expected a LlamaDecoderLayer, got {type(last).__name__}")
+    last.__class__ = TailScoringDecoderLayer
+
+
+def tail_scoring_kwargs(llm: LlamaForCausalLM, score_from: int) -> dict:
+    """Keywords for `llm.model(...)`: the last layer outputs positions score_from.. only, when it can."""
+    if score_from > 0 and isinstance(llm.model.layers[-1], TailScoringDecoderLayer):
+        return {"score_from": score_from}
+    return {}

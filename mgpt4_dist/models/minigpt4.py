@@ -17,7 +17,7 @@ from torch import nn
 
 from mgpt4_dist.config import ConfigError, ModelConfig, precision_dtype
 from mgpt4_dist.models.build import LocalBuild, copy_state_into
-from mgpt4_dist.models.llm import choose_attn_impl, load_llm
+from mgpt4_dist.models.llm import choose_attn_impl, enable_tail_scoring, load_llm, tail_scoring_kwargs
 from mgpt4_dist.models.qformer import QFormer
 from mgpt4_dist.models.sequence import IGNORE_INDEX, TextBatch
 from mgpt4_dist.models.vit import EvaViT
@@ -98,9 +98,12 @@ class MiniGPT4(nn.Module):
     def loss_terms_of_embeds(self, image_embeds_BQD: torch.Tensor, text: TextBatch) -> LossTerms:
         """The loss with the image embeddings already in the LLM's width (what llama_proj outputs)."""
         inputs_BTD = self.embed_sequence(image_embeds_BQD, text)
-        # Padding only ever trails the real tokens, so causal attention alone hides it.
-        hidden_BTD = self.llm.model(inputs_embeds=inputs_BTD, use_cache=False).last_hidden_state
-        targets_BT = text.labels_BT[:, 1:]
+        # Padding only ever trails the real tokens, so causal attention alone hides it. With
+        # model.trim_last_layer the last layer outputs only positions text.score_from.. (the scored tail).
+        hidden_BTD = self.llm.model(inputs_embeds=inputs_BTD, use_cache=False,
+                                    **tail_scoring_kwargs(self.llm, text.score_from)).last_hidden_state
+        first = inputs_BTD.shape[1] - hidden_BTD.shape[1]  # position of hidden_BTD[:, 0]
+        targets_BT = text.labels_BT[:, first + 1:]
         scored_BT = targets_BT != IGNORE_INDEX
         logits_ND = self.llm.lm_head(hidden_BTD[:, :-1][scored_BT]).float()
         token_ce = F.cross_entropy(logits_ND, targets_BT[scored_BT], reduction="none")
@@ -240,6 +243,8 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
     build = build or LocalBuild()
     vit, qformer, ln_vision = build_vision_towers(cfg, seed=seed, dtype=dtype, build=build, proj_source=proj_source)
     llm = load_llm(cfg.llm_path, dtype=dtype, attn_impl=choose_attn_impl(cfg.attn_impl, device_type), build=build)
+    if cfg.trim_last_layer:
+        enable_tail_scoring(llm)
     with build.construct(torch.float32 if not build.sharded else dtype):
         model = MiniGPT4(vit, qformer, llm, ln_vision=ln_vision)
     if cfg.proj_checkpoint:

@@ -36,6 +36,8 @@ class TextBatch:
     image_slots_BT: torch.Tensor  # bool, True where an image embedding goes
     labels_BT: torch.Tensor  # IGNORE_INDEX except scored answer tokens
     attention_mask_BT: torch.Tensor  # 1 on real positions (reported; causal masking suffices)
+    # No position before this one predicts a scored token (known on the host: no device sync).
+    score_from: int = 0
 
     @property
     def num_scored_tokens(self) -> int:
@@ -43,7 +45,8 @@ class TextBatch:
 
     def to(self, device: torch.device) -> "TextBatch":
         return TextBatch(*(t.to(device, non_blocking=True) for t in
-                           (self.input_ids_BT, self.image_slots_BT, self.labels_BT, self.attention_mask_BT)))
+                           (self.input_ids_BT, self.image_slots_BT, self.labels_BT, self.attention_mask_BT)),
+                         score_from=self.score_from)
 
 
 class SequenceBuilder:
@@ -121,4 +124,6 @@ class SequenceBuilder:
             input_ids[row, start:start + len(ans)] = ans_t
             labels[row, start:start + len(ans)] = ans_t.masked_fill(ans_t == self.pad_id, IGNORE_INDEX)
             attention[row, :start + len(ans)] = 1
-        return TextBatch(input_ids, image_slots, labels, attention)
+        # Position 1 + len(cond) holds a row's first answer token, predicted from the position before.
+        answered = [len(cond) for cond, ans in zip(conditions, answer_ids) if ans]
+        return TextBatch(input_ids, image_slots, labels, attention, score_from=min(answered, default=0))

@@ -165,7 +165,7 @@ def sentencepiece_vocab_size(tokenizer_dir: str) -> int:
 
 def build_tiny_llm(out_dir: str, tokenizer_dir_or_vocab_size: Union[str, int], *, hidden_size: int = 64,
                    num_layers: int = 2, num_heads: int = 4, intermediate_size: int = 128, seed: int = 0,
-                   max_position_embeddings: int = 512) -> str:
+                   max_position_embeddings: int = 512, num_kv_heads: Optional[int] = None) -> str:
     """A random fp32 `LlamaForCausalLM` saved as a Hugging Face LLaMA folder; returns `out_dir`.
 
     Given a tokenizer folder, its files are copied in and its vocab size is used.
@@ -183,7 +183,7 @@ def build_tiny_llm(out_dir: str, tokenizer_dir_or_vocab_size: Union[str, int], *
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,  # fewer: grouped-query attention (Llama-2 70B)
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         hidden_act="silu",

@@ -53,5 +53,6 @@ def test_activation_estimate_matches_saved_tensors(tiny_assets, micro, checkpoin
     text = SequenceBuilder(load_tokenizer(cfg.model.llm_path), model.num_image_tokens, 32, "\n", 3800)([caption] * micro)
     measured = measure_saved_activation_bytes(model, torch.randn(micro, 3, 224, 224), text)
     estimate = activation_bytes(counts, "fp32", micro, text.input_ids_BT.shape[1], text.num_scored_tokens // micro,
-                                cfg.model.qformer.hidden_size, checkpointing, recompute_peak=False)
+                                cfg.model.qformer.hidden_size, checkpointing, recompute_peak=False,
+                                tail=text.input_ids_BT.shape[1] - text.score_from)
     assert estimate == pytest.approx(measured, rel=0.10)
