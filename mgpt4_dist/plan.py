@@ -140,7 +140,7 @@ def activation_bytes(counts: ParamCounts, precision: str, micro: int, seq: int, 
         layers = L * b * D * tokens + (per_token_layer * tokens if recompute_peak else 0)
     else:
         tail_tokens = micro * min(seq, tail if tail is not None else seq)
-        # the last layer: norm input and output, keys and values for every position; the rest for the tail
+        # the last layer: for every position its norm input, keys and values (~4 b D, a bound); the rest for the tail
         last = per_token_layer * tail_tokens + 4 * b * D * (tokens - tail_tokens)
         layers = (L - 1) * per_token_layer * tokens + last
     head = micro * scored * (counts.vocab * 4 + 4 * D)  # fp32 log-softmax of scored tokens, final norm input
