@@ -48,6 +48,9 @@ VARIANTS = {
     "zero2-features": ["parallel.zero_stage=2", "data.features=true"],
     "zero2-compile": ["parallel.zero_stage=2", "train.compile=true"],
     "zero2-flash": ["parallel.zero_stage=2", "model.attn_impl=flash"],  # needs flash-attn on CUDA
+    "zero2-compile-features": ["parallel.zero_stage=2", "train.compile=true", "data.features=true"],
+    # the LLM's last layer over every position, as before model.trim_last_layer (default true)
+    "zero2-untrimmed": ["parallel.zero_stage=2", "model.trim_last_layer=false"],
 }
 
 
