@@ -11,7 +11,10 @@ Counted (2 FLOPs per multiply-add, matmuls and attention only):
   gradients, so backward costs one more forward's worth of matmuls, not two. Every decoder layer
   counts the whole sequence, the last one too: `model.trim_last_layer` (on by default) skips work
   this model counts for the positions before the scored tail, so MFU keeps one definition whether
-  it is on or off and a trimmed step shows its gain as higher MFU.
+  it is on or off and a trimmed step shows its gain as higher MFU. The sequence is the batch's
+  padded length, padding included, as the original computes it; `model.padding_free` (on by
+  default) skips the padding's token-wise work, which likewise shows as higher MFU (little on
+  short-caption stage-1 batches, whose rows differ by a few tokens).
 """
 from __future__ import annotations
 

@@ -51,6 +51,8 @@ VARIANTS = {
     "zero2-compile-features": ["parallel.zero_stage=2", "train.compile=true", "data.features=true"],
     # the LLM's last layer over every position, as before model.trim_last_layer (default true)
     "zero2-untrimmed": ["parallel.zero_stage=2", "model.trim_last_layer=false"],
+    # the padded batch through the whole LLM, as before model.padding_free (default true)
+    "zero2-padded": ["parallel.zero_stage=2", "model.padding_free=false"],
 }
 
 

@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -190,17 +192,131 @@ def _load_llm_into_sharded(llm_path: str, dtype: torch.dtype, attn_impl: str, bu
     return llm
 
 
-# --------------------------------------------------------------------------- the last layer, scored tail only
+# --------------------------------------------------------------------------- training forwards: padding-free rows, scored tail
 
-class TailScoringDecoderLayer(LlamaDecoderLayer):
+@dataclass
+class PackedRows:
+    """A right-padded [B, T] batch without its padding: the real positions of every row back to back.
+
+    Token-wise work (norms, projections, MLP) runs over these N positions only; attention scatters
+    queries, keys and values back to the padded layout for one causal SDPA call, where padding trails
+    each row's real tokens and so is never attended from a real position.
+    """
+
+    index: torch.Tensor  # [N] flat positions (row * T + t) of the real tokens, row-major
+    positions: torch.Tensor  # [N] t: each token's position in its own row (for rotary)
+    # [M] which of the N positions the last layer computes (from each row's first answer-predicting
+    # position to its end: the scored tail); None: all of them.
+    tail: Optional[torch.Tensor]
+    batch: int
+    seq_len: int
+
+    @classmethod
+    def build(cls, row_lengths: Sequence[int], answer_from: Sequence[int], seq_len: int, device,
+              tail: bool) -> "PackedRows":
+        index, positions, tail_rows, packed = [], [], [], 0
+        for row, (length, first) in enumerate(zip(row_lengths, answer_from)):
+            index.append(torch.arange(row * seq_len, row * seq_len + length))
+            positions.append(torch.arange(length))
+            tail_rows.append(torch.arange(packed + first, packed + length))
+            packed += length
+        to_device = lambda parts: torch.cat(parts).to(device, non_blocking=True)  # noqa: E731
+        return cls(to_device(index), to_device(positions), to_device(tail_rows) if tail else None,
+                   len(row_lengths), seq_len)
+
+    def output_index(self) -> torch.Tensor:
+        """Flat [B*T] positions of the rows `packed_hidden_states` returns."""
+        return self.index if self.tail is None else self.index.index_select(0, self.tail)
+
+    def attend(self, q_nHd: torch.Tensor, k_nHd: torch.Tensor, v_nHd: torch.Tensor, q_rows: Optional[torch.Tensor],
+               groups: int, scale: float) -> torch.Tensor:
+        """Causal attention of packed queries (all N positions, or those at `q_rows`) over the packed
+        keys/values of their own rows; returns [queries, heads * head_dim]."""
+        B, T = self.batch, self.seq_len
+        q_index = self.index if q_rows is None else self.index.index_select(0, q_rows)
+
+        def padded(t_nHd, at):  # [n, H, d] -> [B, H, T, d], zeros where nothing is placed
+            # index_put rather than index_copy: its backward keeps the index only, not the source.
+            full = t_nHd.new_zeros(B * T, *t_nHd.shape[1:]).index_put((at,), t_nHd)
+            return full.view(B, T, *t_nHd.shape[1:]).transpose(1, 2)
+
+        k, v = (repeat_kv(padded(t, self.index), groups) for t in (k_nHd, v_nHd))
+        out = F.scaled_dot_product_attention(padded(q_nHd, q_index), k, v, is_causal=True, scale=scale)
+        return out.transpose(1, 2).reshape(B * T, -1).index_select(0, q_index)
+
+
+class PaddingFreeDecoderLayer(LlamaDecoderLayer):
+    """A LLaMA decoder layer that also runs on `PackedRows` (model.padding_free, training only).
+
+    `packed_hidden_states` hands every layer the packed [N, D] hidden states and `packing`; without
+    it (generation, a KV cache, evaluation through `llm(...)`) this is the plain layer."""
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, packing: Optional[PackedRows] = None, **kwargs):
+        if packing is None:
+            return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                   cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
+                                   **kwargs)
+        return self.packed_forward(hidden_states, position_embeddings, packing, q_rows=None)
+
+    def packed_forward(self, hidden_ND, position_embeddings, packing: PackedRows, q_rows: Optional[torch.Tensor]):
+        """The layer over packed positions; with `q_rows`, only those positions' outputs are computed
+        (keys and values still come from all of them)."""
+        attn = self.self_attn
+        N = hidden_ND.shape[0]
+        normed = self.input_layernorm(hidden_ND)
+        cos, sin = (t.reshape(N, 1, -1) for t in position_embeddings)  # [N, 1, head_dim]
+        if q_rows is not None:
+            hidden_ND, q_in = hidden_ND.index_select(0, q_rows), normed.index_select(0, q_rows)
+            q_cos, q_sin = cos.index_select(0, q_rows), sin.index_select(0, q_rows)
+        else:
+            q_in, q_cos, q_sin = normed, cos, sin
+        q = attn.q_proj(q_in).view(q_in.shape[0], -1, attn.head_dim)
+        k = attn.k_proj(normed).view(N, -1, attn.head_dim)
+        v = attn.v_proj(normed).view(N, -1, attn.head_dim)
+        q = (q * q_cos) + (rotate_half(q) * q_sin)
+        k = (k * cos) + (rotate_half(k) * sin)
+        out = packing.attend(q, k, v, q_rows, attn.num_key_value_groups, attn.scaling)
+        hidden = hidden_ND + attn.o_proj(out)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def enable_padding_free(llm: LlamaForCausalLM) -> None:
+    """Make every decoder layer a PaddingFreeDecoderLayer (same modules, parameters and keys)."""
+    for layer in llm.model.layers:
+        if type(layer) is not LlamaDecoderLayer:
+            raise TypeError(f"model.padding_free: expected LlamaDecoderLayer, got {type(layer).__name__}")
+        layer.__class__ = PaddingFreeDecoderLayer
+    llm.padding_free = True  # a plain attribute: not a parameter, buffer or config entry
+
+
+def runs_padding_free(llm: LlamaForCausalLM) -> bool:
+    return getattr(llm, "padding_free", False)
+
+
+def packed_hidden_states(llm: LlamaForCausalLM, inputs_BTD: torch.Tensor, packing: PackedRows) -> torch.Tensor:
+    """The decoder stack and final norm over the packed positions: [rows of `packing.output_index()`, D].
+
+    LlamaModel's own forward is not used: it would build a mask for the packed sequence that nothing
+    here reads (and check it on the host); positions restart in every row, so rotary is per row."""
+    B, T, D = inputs_BTD.shape
+    hidden_ND = inputs_BTD.reshape(B * T, D).index_select(0, packing.index)
+    position_embeddings = llm.model.rotary_emb(hidden_ND[None], position_ids=packing.positions[None])
+    for layer in llm.model.layers[: llm.config.num_hidden_layers]:
+        hidden_ND = layer(hidden_ND, position_embeddings=position_embeddings, packing=packing)
+    return llm.model.norm(hidden_ND)
+
+
+class TailScoringDecoderLayer(PaddingFreeDecoderLayer):
     """The LLM's last decoder layer, which in training computes only the tail that is scored.
 
     Only positions whose next token is scored reach the LM head, and in the last layer nothing else
-    reads a position's output: from `score_from` on, the layer computes queries, attention output,
+    reads a position's output: from `score_from` on (padded batches), or from each row's first
+    answer-predicting position (`PackedRows.tail`), the layer computes queries, attention output,
     o_proj and MLP; keys and values still come from every position. The same operations as
     LlamaDecoderLayer on the kept rows (rotary, causal softmax attention, residuals), so the same
-    loss and gradients, for (T - score_from) / T of the layer's query-side and MLP work. Without
-    `score_from` (generation, evaluation through `llm(...)`, a KV cache) it is the plain layer.
+    loss and gradients, for a fraction of the layer's query-side and MLP work. Without `score_from`
+    or `packing` (generation, evaluation through `llm(...)`, a KV cache) it is the plain layer.
 
     `score_from` arrives as a keyword of the LlamaModel call (`tail_scoring_kwargs`): transformers
     hands call keywords to every decoder layer and its attention function, which ignore unknown
@@ -208,7 +324,9 @@ class TailScoringDecoderLayer(LlamaDecoderLayer):
     """
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                position_embeddings=None, score_from: int = 0, **kwargs):
+                position_embeddings=None, score_from: int = 0, packing: Optional[PackedRows] = None, **kwargs):
+        if packing is not None:
+            return self.packed_forward(hidden_states, position_embeddings, packing, q_rows=packing.tail)
         start = score_from
         if not start or cache is not None or use_cache:
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
@@ -237,7 +355,7 @@ class TailScoringDecoderLayer(LlamaDecoderLayer):
 def enable_tail_scoring(llm: LlamaForCausalLM) -> None:
     """Make the last decoder layer a TailScoringDecoderLayer (same module, parameters and keys)."""
     last = llm.model.layers[-1]
-    if type(last) is not LlamaDecoderLayer:
+    if type(last) not in (LlamaDecoderLayer, PaddingFreeDecoderLayer):
         raise TypeError(f"model.trim_last_layer: expected a LlamaDecoderLayer, got {type(last).__name__}")
     last.__class__ = TailScoringDecoderLayer
 

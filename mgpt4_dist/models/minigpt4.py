@@ -17,7 +17,9 @@ from torch import nn
 
 from mgpt4_dist.config import ConfigError, ModelConfig, precision_dtype
 from mgpt4_dist.models.build import LocalBuild, copy_state_into
-from mgpt4_dist.models.llm import choose_attn_impl, enable_tail_scoring, load_llm, tail_scoring_kwargs
+from mgpt4_dist.models.llm import (PackedRows, TailScoringDecoderLayer, choose_attn_impl, enable_padding_free,
+                                   enable_tail_scoring, load_llm, packed_hidden_states, runs_padding_free,
+                                   tail_scoring_kwargs)
 from mgpt4_dist.models.qformer import QFormer
 from mgpt4_dist.models.sequence import IGNORE_INDEX, TextBatch
 from mgpt4_dist.models.vit import EvaViT
@@ -98,16 +100,30 @@ class MiniGPT4(nn.Module):
     def loss_terms_of_embeds(self, image_embeds_BQD: torch.Tensor, text: TextBatch) -> LossTerms:
         """The loss with the image embeddings already in the LLM's width (what llama_proj outputs)."""
         inputs_BTD = self.embed_sequence(image_embeds_BQD, text)
-        # Padding only ever trails the real tokens, so causal attention alone hides it. With
-        # model.trim_last_layer the last layer outputs only positions text.score_from.. (the scored tail).
-        hidden_BTD = self.llm.model(inputs_embeds=inputs_BTD, use_cache=False,
-                                    **tail_scoring_kwargs(self.llm, text.score_from)).last_hidden_state
-        first = inputs_BTD.shape[1] - hidden_BTD.shape[1]  # position of hidden_BTD[:, 0]
-        targets_BT = text.labels_BT[:, first + 1:]
-        scored_BT = targets_BT != IGNORE_INDEX
-        logits_ND = self.llm.lm_head(hidden_BTD[:, :-1][scored_BT]).float()
-        token_ce = F.cross_entropy(logits_ND, targets_BT[scored_BT], reduction="none")
-        rows = torch.arange(targets_BT.shape[0], device=targets_BT.device)[:, None].expand_as(targets_BT)[scored_BT]
+        B, T, _ = inputs_BTD.shape
+        # Labels shifted onto the position that predicts them, flat [B*T].
+        next_labels = F.pad(text.labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        if runs_padding_free(self.llm) and text.row_lengths:
+            # model.padding_free: the LLM runs over each row's real positions only (and with
+            # model.trim_last_layer its last layer over each row's answer-predicting tail).
+            tail = isinstance(self.llm.model.layers[-1], TailScoringDecoderLayer)
+            packing = PackedRows.build(text.row_lengths, text.answer_from, T, inputs_BTD.device, tail=tail)
+            hidden_ND = packed_hidden_states(self.llm, inputs_BTD, packing)
+            out_index = packing.output_index()
+        else:
+            # Padding only ever trails the real tokens, so causal attention alone hides it. With
+            # model.trim_last_layer the last layer outputs only positions text.score_from.. (the scored tail).
+            hidden_BTD = self.llm.model(inputs_embeds=inputs_BTD, use_cache=False,
+                                        **tail_scoring_kwargs(self.llm, text.score_from)).last_hidden_state
+            first = T - hidden_BTD.shape[1]  # position of hidden_BTD[:, 0]
+            hidden_ND = hidden_BTD.reshape(-1, hidden_BTD.shape[-1])
+            out_index = (torch.arange(B, device=inputs_BTD.device)[:, None] * T
+                         + torch.arange(first, T, device=inputs_BTD.device)).reshape(-1)
+        targets_N = next_labels.index_select(0, out_index)
+        scored_N = targets_N != IGNORE_INDEX
+        logits_ND = self.llm.lm_head(hidden_ND[scored_N]).float()
+        token_ce = F.cross_entropy(logits_ND, targets_N[scored_N], reduction="none")
+        rows = torch.div(out_index[scored_N], T, rounding_mode="floor")
         num = int(token_ce.numel())
         return LossTerms(token_ce.sum() / max(num, 1), token_ce, rows, num)
 
@@ -243,6 +259,8 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
     build = build or LocalBuild()
     vit, qformer, ln_vision = build_vision_towers(cfg, seed=seed, dtype=dtype, build=build, proj_source=proj_source)
     llm = load_llm(cfg.llm_path, dtype=dtype, attn_impl=choose_attn_impl(cfg.attn_impl, device_type), build=build)
+    if cfg.padding_free:
+        enable_padding_free(llm)
     if cfg.trim_last_layer:
         enable_tail_scoring(llm)
     with build.construct(torch.float32 if not build.sharded else dtype):
@@ -256,7 +274,8 @@ def build_minigpt4(cfg: ModelConfig, *, seed: int, dtype: torch.dtype = torch.fl
         cast_parameters(model, dtype, vit_dtype(cfg, dtype))
     build.built(model)
     apply_freezing(model)
-    log.info("attention: LLM %s, ViT %s, Q-Former %s", llm.config._attn_implementation,
+    log.info("attention: LLM %s%s, ViT %s, Q-Former %s", llm.config._attn_implementation,
+             " (padding-free training: SDPA)" if cfg.padding_free else "",
              "sdpa" if getattr(vit.eva.blocks[0].attn, "fused_attn", False) else "eager",
              qformer.bert.config._attn_implementation if qformer is not None else "-")
     return model

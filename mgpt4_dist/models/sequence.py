@@ -18,7 +18,7 @@ One layout for training, eval-loss, evaluation and chat (`MiniGPTBase.forward` o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,6 +38,11 @@ class TextBatch:
     attention_mask_BT: torch.Tensor  # 1 on real positions (reported; causal masking suffices)
     # No position before this one predicts a scored token (known on the host: no device sync).
     score_from: int = 0
+    # Per row, on the host: real positions (BOS, condition, answer; padding follows them), and the
+    # first position that predicts an answer token (the row's length when it has no answer). Empty
+    # when unknown: the padding-free forward then falls back to the padded one.
+    row_lengths: Tuple[int, ...] = ()
+    answer_from: Tuple[int, ...] = ()
 
     @property
     def num_scored_tokens(self) -> int:
@@ -46,7 +51,7 @@ class TextBatch:
     def to(self, device: torch.device) -> "TextBatch":
         return TextBatch(*(t.to(device, non_blocking=True) for t in
                            (self.input_ids_BT, self.image_slots_BT, self.labels_BT, self.attention_mask_BT)),
-                         score_from=self.score_from)
+                         score_from=self.score_from, row_lengths=self.row_lengths, answer_from=self.answer_from)
 
 
 class SequenceBuilder:
@@ -126,4 +131,7 @@ class SequenceBuilder:
             attention[row, :start + len(ans)] = 1
         # Position 1 + len(cond) holds a row's first answer token, predicted from the position before.
         answered = [len(cond) for cond, ans in zip(conditions, answer_ids) if ans]
-        return TextBatch(input_ids, image_slots, labels, attention, score_from=min(answered, default=0))
+        lengths = tuple(1 + len(cond) + len(ans) for cond, ans in zip(conditions, answer_ids))
+        answer_from = tuple(len(cond) if ans else length for cond, ans, length in zip(conditions, answer_ids, lengths))
+        return TextBatch(input_ids, image_slots, labels, attention, score_from=min(answered, default=0),
+                         row_lengths=lengths, answer_from=answer_from)

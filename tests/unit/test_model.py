@@ -263,42 +263,50 @@ def test_compiled_towers_give_the_eager_features_loss_and_gradient(assets):
 
 
 @pytest.mark.parametrize("attn_impl,kv_heads", [("sdpa", None), ("eager", None), ("sdpa", 2)])
-def test_trimmed_last_layer_gives_the_full_layers_loss_and_gradient(assets, attn_impl, kv_heads):
-    """model.trim_last_layer: the last decoder layer computes the scored tail only, same math (rel 1e-5)
-    for stage-1 rows and for rows whose instructions differ in length; grouped-query attention too."""
-    import dataclasses
-
-    from mgpt4_dist.models.llm import TailScoringDecoderLayer
+def test_padding_free_and_trimmed_last_layer_give_the_plain_loss_and_gradient(assets, attn_impl, kv_heads):
+    """model.padding_free (real positions only) and model.trim_last_layer (last layer over the scored
+    tail), alone and together: the plain padded model's loss, per-token losses and projection gradients
+    (rel 1e-5), for stage-1 rows and rows whose instructions differ in length; grouped-query attention too."""
+    from mgpt4_dist.models.llm import PaddingFreeDecoderLayer, TailScoringDecoderLayer
 
     llm = assets["llm"]
     if kv_heads:
         llm = build_tiny_llm(str(assets["root"] / "llm_gqa"), str(assets["root"] / "tok"), num_kv_heads=kv_heads)
-    cfg = load_config(TINY, [f"model.llm_path={llm}", f"model.vit_checkpoint={assets['vit']}",
-                             f"model.qformer_checkpoint={assets['qformer']}", f"model.attn_impl={attn_impl}"])
-    model = build_minigpt4(cfg.model, seed=0)
-    last = model.llm.model.layers[-1]
-    assert isinstance(last, TailScoringDecoderLayer)
-    assert model.llm.config.num_key_value_heads == (kv_heads or model.llm.config.num_attention_heads)
-    build = SequenceBuilder(load_tokenizer(llm), model.num_image_tokens, 32, "\n")
+    base = [f"model.llm_path={llm}", f"model.vit_checkpoint={assets['vit']}",
+            f"model.qformer_checkpoint={assets['qformer']}", f"model.attn_impl={attn_impl}"]
+    plain = build_minigpt4(load_config(TINY, base + ["model.padding_free=false", "model.trim_last_layer=false"]).model,
+                           seed=0)
+    assert plain.llm.config.num_key_value_heads == (kv_heads or plain.llm.config.num_attention_heads)
+    build = SequenceBuilder(load_tokenizer(llm), plain.num_image_tokens, 32, "\n")
     images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
     answers = ["a red circle", "a small green square on a blue background", "stripe"]
     rows_out = []
-    last.register_forward_hook(lambda module, args, out: rows_out.append(out.shape[1]))
 
-    def run(text):
+    def run(model, text):
         model.zero_grad(set_to_none=True)
-        loss = model(images, text)
-        loss.backward()
-        return loss.detach(), model.llama_proj.weight.grad.clone(), model.llama_proj.bias.grad.clone()
+        terms = model.loss_terms(images, text)
+        terms.loss.backward()
+        return (terms.loss.detach(), terms.token_ce.detach(), model.llama_proj.weight.grad.clone(),
+                model.llama_proj.bias.grad.clone())
 
-    for instruction in (None, ["<Img><ImageHere></Img> Describe it.", "<Img><ImageHere></Img> What is shown here in "
-                               "this picture?", "<Img><ImageHere></Img>"]):
-        text = build(answers, instruction)
-        assert 0 < text.score_from < text.input_ids_BT.shape[1] - 1
-        rows_out.clear()
-        trimmed = run(text)
-        assert rows_out == [text.input_ids_BT.shape[1] - text.score_from]  # the tail only
-        full = run(dataclasses.replace(text, score_from=0))
-        assert rows_out[-1] == text.input_ids_BT.shape[1]
-        for got, want in zip(trimmed, full):
-            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    for padding_free, trim in ((True, False), (False, True), (True, True)):
+        model = build_minigpt4(load_config(TINY, base + [f"model.padding_free={padding_free}",
+                                                         f"model.trim_last_layer={trim}"]).model, seed=0)
+        layers = model.llm.model.layers
+        assert all(isinstance(layer, PaddingFreeDecoderLayer) for layer in layers[:-1]) == padding_free
+        assert isinstance(layers[-1], TailScoringDecoderLayer) == trim
+        layers[-1].register_forward_hook(lambda module, args, out: rows_out.append(out.shape[-2]))
+        for instruction in (None, ["<Img><ImageHere></Img> Describe it.", "<Img><ImageHere></Img> What is shown "
+                                   "here in this picture?", "<Img><ImageHere></Img>"]):
+            text = build(answers, instruction)
+            B, T = text.input_ids_BT.shape
+            assert 0 < text.score_from < T - 1 and sum(text.row_lengths) < B * T  # some padding to leave out
+            rows_out.clear()
+            got = run(model, text)
+            # what the last layer computed: the real positions, the tails, or the padded rows from score_from
+            tails = sum(length - first for length, first in zip(text.row_lengths, text.answer_from))
+            assert rows_out == [{(True, False): sum(text.row_lengths), (True, True): tails,
+                                 (False, True): T - text.score_from}[padding_free, trim]]
+            want = run(plain, text)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and (g - w).abs().max() <= 1e-5 * w.abs().max()
