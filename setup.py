@@ -44,7 +44,9 @@ setup(
         "dev": ["pytest>=9.2.0", "pytest-timeout>=2.4.0", "setuptools>=61",
                 "moto[server]>=5.2.5", "s3fs>=2026.9.0", "boto3>=1.43", "pycocoevalcap>=1.2",
                 # The demo's browser test drives Debian's chromium through selenium (Service, ChromeOptions).
-                "gradio>=6.0,<7", "selenium>=4.11"],
+                "gradio>=6.0,<7", "selenium>=4.11",
+                # The kill -9 test kills the launcher and every worker, as a cluster kills a job's cgroup.
+                "psutil>=7.0"],
     },
     entry_points={
         "console_scripts": [

@@ -81,9 +81,10 @@ class ModelConfig:
     # position whose next token is scored): same loss and gradients, less work (the image and
     # prompt positions' last-layer outputs are never read). False: the plain layer everywhere.
     trim_last_layer: bool = True
-    # In training the LLM runs over each row's real positions only (no padding in its projections and
-    # MLP; attention still sees the padded layout, where padding trails each row): same loss and
-    # gradients to float rounding. False: the padded batch, as the original.
+    # In the loss forward (training, eval loss) the LLM runs over each row's real positions only (no
+    # padding in its projections and MLP; attention, always SDPA there, still sees the padded layout,
+    # where padding trails each row): same loss and gradients to float rounding. False: the padded
+    # batch, as the original.
     padding_free: bool = True
     # train | fp32 | fp16 | bf16: dtype of the frozen ViT (the original runs it in fp16); `train`
     # follows train.precision. Its output is cast to the Q-Former's dtype (ln_vision runs there).

@@ -53,6 +53,8 @@ VARIANTS = {
     "zero2-untrimmed": ["parallel.zero_stage=2", "model.trim_last_layer=false"],
     # the padded batch through the whole LLM, as before model.padding_free (default true)
     "zero2-padded": ["parallel.zero_stage=2", "model.padding_free=false"],
+    # neither: the step before both options (the GPU tables' step)
+    "zero2-plain": ["parallel.zero_stage=2", "model.padding_free=false", "model.trim_last_layer=false"],
 }
 
 

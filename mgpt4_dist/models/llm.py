@@ -212,28 +212,28 @@ class PackedRows:
     seq_len: int
 
     @classmethod
-    def build(cls, row_lengths: Sequence[int], answer_from: Sequence[int], seq_len: int, device,
+    def build(cls, row_lengths: Sequence[int], row_score_from: Sequence[int], seq_len: int, device,
               tail: bool) -> "PackedRows":
-        index, positions, tail_rows, packed = [], [], [], 0
-        for row, (length, first) in enumerate(zip(row_lengths, answer_from)):
+        index, positions, tail_positions, packed = [], [], [], 0
+        for row, (length, first) in enumerate(zip(row_lengths, row_score_from)):
             index.append(torch.arange(row * seq_len, row * seq_len + length))
             positions.append(torch.arange(length))
-            tail_rows.append(torch.arange(packed + first, packed + length))
+            tail_positions.append(torch.arange(packed + first, packed + length))
             packed += length
         to_device = lambda parts: torch.cat(parts).to(device, non_blocking=True)  # noqa: E731
-        return cls(to_device(index), to_device(positions), to_device(tail_rows) if tail else None,
+        return cls(to_device(index), to_device(positions), to_device(tail_positions) if tail else None,
                    len(row_lengths), seq_len)
 
     def output_index(self) -> torch.Tensor:
         """Flat [B*T] positions of the rows `packed_hidden_states` returns."""
         return self.index if self.tail is None else self.index.index_select(0, self.tail)
 
-    def attend(self, q_nHd: torch.Tensor, k_nHd: torch.Tensor, v_nHd: torch.Tensor, q_rows: Optional[torch.Tensor],
+    def attend(self, q_nHd: torch.Tensor, k_nHd: torch.Tensor, v_nHd: torch.Tensor, q_positions: Optional[torch.Tensor],
                groups: int, scale: float) -> torch.Tensor:
-        """Causal attention of packed queries (all N positions, or those at `q_rows`) over the packed
+        """Causal attention of packed queries (all N positions, or those at `q_positions`) over the packed
         keys/values of their own rows; returns [queries, heads * head_dim]."""
         B, T = self.batch, self.seq_len
-        q_index = self.index if q_rows is None else self.index.index_select(0, q_rows)
+        q_index = self.index if q_positions is None else self.index.index_select(0, q_positions)
 
         def padded(t_nHd, at):  # [n, H, d] -> [B, H, T, d], zeros where nothing is placed
             # index_put rather than index_copy: its backward keeps the index only, not the source.
@@ -246,7 +246,7 @@ class PackedRows:
 
 
 class PaddingFreeDecoderLayer(LlamaDecoderLayer):
-    """A LLaMA decoder layer that also runs on `PackedRows` (model.padding_free, training only).
+    """A LLaMA decoder layer that also runs on `PackedRows` (model.padding_free; the loss forward only).
 
     `packed_hidden_states` hands every layer the packed [N, D] hidden states and `packing`; without
     it (generation, a KV cache, evaluation through `llm(...)`) this is the plain layer."""
@@ -257,26 +257,27 @@ class PaddingFreeDecoderLayer(LlamaDecoderLayer):
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                    cache=cache, use_cache=use_cache, position_embeddings=position_embeddings,
                                    **kwargs)
-        return self.packed_forward(hidden_states, position_embeddings, packing, q_rows=None)
+        return self.packed_forward(hidden_states, position_embeddings, packing, q_positions=None)
 
-    def packed_forward(self, hidden_ND, position_embeddings, packing: PackedRows, q_rows: Optional[torch.Tensor]):
-        """The layer over packed positions; with `q_rows`, only those positions' outputs are computed
+    def packed_forward(self, hidden_ND, position_embeddings, packing: PackedRows, q_positions: Optional[torch.Tensor]):
+        """The layer over packed positions; with `q_positions`, only those positions' outputs are computed
         (keys and values still come from all of them)."""
         attn = self.self_attn
         N = hidden_ND.shape[0]
         normed = self.input_layernorm(hidden_ND)
         cos, sin = (t.reshape(N, 1, -1) for t in position_embeddings)  # [N, 1, head_dim]
-        if q_rows is not None:
-            hidden_ND, q_in = hidden_ND.index_select(0, q_rows), normed.index_select(0, q_rows)
-            q_cos, q_sin = cos.index_select(0, q_rows), sin.index_select(0, q_rows)
+        if q_positions is not None:
+            hidden_ND, q_in = hidden_ND.index_select(0, q_positions), normed.index_select(0, q_positions)
+            q_cos, q_sin = cos.index_select(0, q_positions), sin.index_select(0, q_positions)
         else:
             q_in, q_cos, q_sin = normed, cos, sin
-        q = attn.q_proj(q_in).view(q_in.shape[0], -1, attn.head_dim)
-        k = attn.k_proj(normed).view(N, -1, attn.head_dim)
-        v = attn.v_proj(normed).view(N, -1, attn.head_dim)
+        # unflatten, not view(n, -1, d): an empty tail (no row with an answer) has n = 0.
+        q = attn.q_proj(q_in).unflatten(-1, (-1, attn.head_dim))
+        k = attn.k_proj(normed).unflatten(-1, (-1, attn.head_dim))
+        v = attn.v_proj(normed).unflatten(-1, (-1, attn.head_dim))
         q = (q * q_cos) + (rotate_half(q) * q_sin)
         k = (k * cos) + (rotate_half(k) * sin)
-        out = packing.attend(q, k, v, q_rows, attn.num_key_value_groups, attn.scaling)
+        out = packing.attend(q, k, v, q_positions, attn.num_key_value_groups, attn.scaling)
         hidden = hidden_ND + attn.o_proj(out)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -326,7 +327,7 @@ class TailScoringDecoderLayer(PaddingFreeDecoderLayer):
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, score_from: int = 0, packing: Optional[PackedRows] = None, **kwargs):
         if packing is not None:
-            return self.packed_forward(hidden_states, position_embeddings, packing, q_rows=packing.tail)
+            return self.packed_forward(hidden_states, position_embeddings, packing, q_positions=packing.tail)
         start = score_from
         if not start or cache is not None or use_cache:
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,

@@ -107,7 +107,7 @@ class MiniGPT4(nn.Module):
             # model.padding_free: the LLM runs over each row's real positions only (and with
             # model.trim_last_layer its last layer over each row's answer-predicting tail).
             tail = isinstance(self.llm.model.layers[-1], TailScoringDecoderLayer)
-            packing = PackedRows.build(text.row_lengths, text.answer_from, T, inputs_BTD.device, tail=tail)
+            packing = PackedRows.build(text.row_lengths, text.row_score_from, T, inputs_BTD.device, tail=tail)
             hidden_ND = packed_hidden_states(self.llm, inputs_BTD, packing)
             out_index = packing.output_index()
         else:
@@ -121,8 +121,8 @@ class MiniGPT4(nn.Module):
                          + torch.arange(first, T, device=inputs_BTD.device)).reshape(-1)
         targets_N = next_labels.index_select(0, out_index)
         scored_N = targets_N != IGNORE_INDEX
-        logits_ND = self.llm.lm_head(hidden_ND[scored_N]).float()
-        token_ce = F.cross_entropy(logits_ND, targets_N[scored_N], reduction="none")
+        logits_SV = self.llm.lm_head(hidden_ND[scored_N]).float()
+        token_ce = F.cross_entropy(logits_SV, targets_N[scored_N], reduction="none")
         rows = torch.div(out_index[scored_N], T, rounding_mode="floor")
         num = int(token_ce.numel())
         return LossTerms(token_ce.sum() / max(num, 1), token_ce, rows, num)

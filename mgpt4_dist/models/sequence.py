@@ -42,7 +42,7 @@ class TextBatch:
     # first position that predicts an answer token (the row's length when it has no answer). Empty
     # when unknown: the padding-free forward then falls back to the padded one.
     row_lengths: Tuple[int, ...] = ()
-    answer_from: Tuple[int, ...] = ()
+    row_score_from: Tuple[int, ...] = ()
 
     @property
     def num_scored_tokens(self) -> int:
@@ -51,7 +51,8 @@ class TextBatch:
     def to(self, device: torch.device) -> "TextBatch":
         return TextBatch(*(t.to(device, non_blocking=True) for t in
                            (self.input_ids_BT, self.image_slots_BT, self.labels_BT, self.attention_mask_BT)),
-                         score_from=self.score_from, row_lengths=self.row_lengths, answer_from=self.answer_from)
+                         score_from=self.score_from, row_lengths=self.row_lengths,
+                         row_score_from=self.row_score_from)
 
 
 class SequenceBuilder:
@@ -132,6 +133,7 @@ class SequenceBuilder:
         # Position 1 + len(cond) holds a row's first answer token, predicted from the position before.
         answered = [len(cond) for cond, ans in zip(conditions, answer_ids) if ans]
         lengths = tuple(1 + len(cond) + len(ans) for cond, ans in zip(conditions, answer_ids))
-        answer_from = tuple(len(cond) if ans else length for cond, ans, length in zip(conditions, answer_ids, lengths))
+        row_score_from = tuple(len(cond) if ans else length
+                               for cond, ans, length in zip(conditions, answer_ids, lengths))
         return TextBatch(input_ids, image_slots, labels, attention, score_from=min(answered, default=0),
-                         row_lengths=lengths, answer_from=answer_from)
+                         row_lengths=lengths, row_score_from=row_score_from)

@@ -51,26 +51,30 @@ def build_model(cfg: JobConfig, world_size: int, grad_accum_steps: int, device: 
     return model
 
 
-def apply_ac(llm: nn.Module) -> int:
+def apply_ac(llm: nn.Module, compile_layers: bool = False) -> int:
     """Activation checkpointing: recompute each LLM decoder layer in backward instead of keeping its
     activations; returns the number of layers wrapped.
 
     Wraps each layer's forward (non-reentrant `torch.utils.checkpoint`) rather than the module, so
     parameter names stay as in the weight files. HF's own `gradient_checkpointing_enable` is not
-    used: it only acts in train mode, and the frozen LLM stays in eval mode.
+    used: it only acts in train mode, and the frozen LLM stays in eval mode. With `compile_layers`
+    (train.compile) the wrapped forward is the compiled one: `checkpoint` is never traced by
+    torch.compile, so a compiled module around it would run its layer eager.
     """
     from torch.utils.checkpoint import checkpoint
 
     layers = llm.model.layers
     for layer in layers:
-        inner = layer.forward
+        inner = torch.compile(layer.forward) if compile_layers else layer.forward
         layer.forward = functools.partial(checkpoint, inner, use_reentrant=False)
-    log.info("activation checkpointing: %d LLM decoder layers", len(layers))
+    log.info("activation checkpointing: %d LLM decoder layers%s", len(layers),
+             " (compiled inside)" if compile_layers else "")
     return len(layers)
 
 
-def apply_compile(model: nn.Module) -> int:
-    """torch.compile every transformer block in place (`nn.Module.compile`).
+def apply_compile(model: nn.Module, llm_layers: bool = True) -> int:
+    """torch.compile every transformer block in place (`nn.Module.compile`); the LLM's decoder layers
+    only with `llm_layers` (with activation checkpointing `apply_ac` compiles them inside it).
 
     Per block rather than the whole model: identical blocks share one compiled graph, parameter
     names and module identities stay as they are (sharding and checkpoints see the same model),
@@ -78,7 +82,8 @@ def apply_compile(model: nn.Module) -> int:
     """
     from mgpt4_dist.models.minigpt4 import transformer_blocks
 
-    blocks = transformer_blocks(model)
+    skip = set() if llm_layers else {id(layer) for layer in model.llm.model.layers}
+    blocks = [block for block in transformer_blocks(model) if id(block) not in skip]
     for block in blocks:
         block.compile()
     log.info("torch.compile: %d transformer blocks", len(blocks))
@@ -111,9 +116,9 @@ def build_engine(cfg: JobConfig, model: nn.Module, world_size: int, grad_accum_s
         raise ConfigError(f"parallel.offload={cfg.parallel.offload} is a DeepSpeed option: use "
                           f"parallel.backend=deepspeed, or parallel.offload=none with FSDP")
     if cfg.parallel.activation_checkpointing:
-        apply_ac(model.llm)
+        apply_ac(model.llm, compile_layers=cfg.train.compile)
     if cfg.train.compile:
-        apply_compile(model)
+        apply_compile(model, llm_layers=not cfg.parallel.activation_checkpointing)
     if cfg.train.compile_towers:
         apply_compile_towers(model)
     if cfg.parallel.backend == "deepspeed":

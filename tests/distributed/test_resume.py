@@ -6,6 +6,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -68,7 +69,14 @@ def test_kill9_during_save_resumes_from_previous_checkpoint_exactly(tiny_assets,
         assert os.path.isdir(tmp_ckpt), "the save of step 6 never started"
         time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        # The whole job, as Slurm's kill of a step's cgroup: torchrun starts each worker in its own
+        # session, so the launcher's process group alone would leave both ranks running.
+        job = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in job:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
     root = os.path.join(killed, "checkpoints")
     assert open(os.path.join(root, "latest")).read() == "step_00000003"

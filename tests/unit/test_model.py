@@ -286,8 +286,8 @@ def test_padding_free_and_trimmed_last_layer_give_the_plain_loss_and_gradient(as
         model.zero_grad(set_to_none=True)
         terms = model.loss_terms(images, text)
         terms.loss.backward()
-        return (terms.loss.detach(), terms.token_ce.detach(), model.llama_proj.weight.grad.clone(),
-                model.llama_proj.bias.grad.clone())
+        return (terms.loss.detach(), terms.token_ce.detach(), terms.token_rows.float(),
+                model.llama_proj.weight.grad.clone(), model.llama_proj.bias.grad.clone())
 
     for padding_free, trim in ((True, False), (False, True), (True, True)):
         model = build_minigpt4(load_config(TINY, base + [f"model.padding_free={padding_free}",
@@ -304,9 +304,12 @@ def test_padding_free_and_trimmed_last_layer_give_the_plain_loss_and_gradient(as
             rows_out.clear()
             got = run(model, text)
             # what the last layer computed: the real positions, the tails, or the padded rows from score_from
-            tails = sum(length - first for length, first in zip(text.row_lengths, text.answer_from))
+            tails = sum(length - first for length, first in zip(text.row_lengths, text.row_score_from))
             assert rows_out == [{(True, False): sum(text.row_lengths), (True, True): tails,
                                  (False, True): T - text.score_from}[padding_free, trim]]
             want = run(plain, text)
             for g, w in zip(got, want):
                 assert g.shape == w.shape and (g - w).abs().max() <= 1e-5 * w.abs().max()
+        # a batch with nothing to score (an empty answer without end_sym): an empty tail, a zero loss
+        empty = SequenceBuilder(load_tokenizer(llm), plain.num_image_tokens, 32, "")([""])
+        assert model.loss_terms(images[:1], empty).num_scored_tokens == 0
