@@ -218,7 +218,8 @@ class PackedRows:
         for row, (length, first) in enumerate(zip(row_lengths, row_score_from)):
             index.append(torch.arange(row * seq_len, row * seq_len + length))
             positions.append(torch.arange(length))
-            tail_positions.append(torch.arange(packed + first, packed + length))
+            if tail:
+                tail_positions.append(torch.arange(packed + first, packed + length))
             packed += length
         to_device = lambda parts: torch.cat(parts).to(device, non_blocking=True)  # noqa: E731
         return cls(to_device(index), to_device(positions), to_device(tail_positions) if tail else None,
